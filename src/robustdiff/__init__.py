@@ -1,0 +1,3 @@
+"""robustdiff: adversarial training with diffusion-generated data."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,134 @@
+"""TRADES (Zhang et al., 2019) exactly as the reference trains it, plus PGD-AT.
+
+Images are (B, C, H, W) in [0, 1]. The model is in train mode throughout: the attack uses
+batch statistics with BatchNorm running statistics frozen, the outer step updates them with
+two separate forwards (clean, adversarial).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attacks import _l2_norm, frozen_bn_stats, input_grad_only, pgd_attack, project
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    norm: str = "linf"  # linf | l2
+    eps: float = 8 / 255
+    step: float = 2 / 255  # ignored for l2 TRADES, as in the reference (step = 2ε/K)
+    steps: int = 10
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("linf", "l2"):
+            raise ValueError(f"norm.name must be 'linf' or 'l2', got {self.norm!r}")
+        if not (0 < self.eps <= 1 if self.norm == "linf" else 0 < self.eps <= 64):
+            hint = f" — did you mean {self.eps:g}/255 = {self.eps / 255:.5f}?" if self.eps > 1 else ""
+            raise ValueError(f"norm.eps={self.eps} is out of range for {self.norm}: images are in [0, 1]{hint}")
+        if not self.step > 0:
+            raise ValueError(f"norm.step must be > 0, got {self.step}")
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise ValueError(f"norm.steps must be an integer >= 1, got {self.steps}")
+
+
+def kl_batchmean(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(p) ‖ softmax(q)) summed over classes, averaged over the batch, in fp32."""
+    log_p = F.log_softmax(logits_p.float(), dim=1)
+    log_q = F.log_softmax(logits_q.float(), dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum() / logits_p.shape[0]
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """(1 − s)·NLL + s·mean over classes of (−log p), batch mean, fp32."""
+    log_p = F.log_softmax(logits.float(), dim=1)
+    nll = -log_p.gather(1, y[:, None]).squeeze(1)
+    uniform = -log_p.mean(dim=1)
+    return ((1 - smoothing) * nll + smoothing * uniform).mean()
+
+
+def trades_adversary(
+    model: nn.Module, x: torch.Tensor, cfg: AttackConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Inner maximisation of KL(p_nat ‖ p_adv). Returns detached x_adv in [0, 1]."""
+    x = x.detach()
+    with frozen_bn_stats(model), input_grad_only(model):
+        with torch.no_grad():
+            logits_nat = model(x).detach()
+        if cfg.norm == "linf":
+            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x_adv = (x + (2 * noise - 1) * cfg.eps).clamp(0.0, 1.0)
+            for _ in range(cfg.steps):
+                x_adv.requires_grad_(True)
+                with torch.enable_grad():
+                    (grad,) = torch.autograd.grad(kl_batchmean(logits_nat, model(x_adv)), x_adv)
+                with torch.no_grad():
+                    x_adv = project(x_adv + cfg.step * grad.sign(), x, "linf", cfg.eps)
+            return x_adv.detach()
+        # ℓ2: normalised gradient ascent on δ with step 2ε/K (the reference ignores the configured step).
+        lr = 2 * cfg.eps / cfg.steps
+        delta = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        for _ in range(cfg.steps):
+            delta.requires_grad_(True)
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(kl_batchmean(logits_nat, model(x + delta)), delta)
+            with torch.no_grad():
+                norms = _l2_norm(grad)
+                grad = grad / norms
+                zero = norms.flatten() == 0
+                if zero.any():
+                    noise = torch.randn(grad.shape, generator=generator, device=x.device, dtype=x.dtype)
+                    grad[zero] = noise[zero]
+                delta = delta + lr * grad
+                delta = ((x + delta).clamp(0.0, 1.0) - x).renorm(p=2, dim=0, maxnorm=cfg.eps)
+        return (x + delta).detach()
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    loss_natural: torch.Tensor
+    loss_robust: torch.Tensor
+    logits_natural: torch.Tensor
+    logits_adv: torch.Tensor
+
+
+def trades_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: AttackConfig,
+    *,
+    beta: float = 5.0,
+    label_smoothing: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    """CE_ls(f(x), y) + β·KL(softmax f(x) ‖ softmax f(x_adv)); two separate forwards, both differentiated."""
+    x_adv = trades_adversary(model, x, cfg, generator)
+    logits_nat = model(x)
+    logits_adv = model(x_adv)
+    loss_nat = smoothed_cross_entropy(logits_nat, y, label_smoothing)
+    loss_rob = kl_batchmean(logits_nat, logits_adv)
+    return StepOutput(loss_nat + beta * loss_rob, loss_nat.detach(), loss_rob.detach(), logits_nat, logits_adv)
+
+
+def pgd_at_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: AttackConfig,
+    *,
+    label_smoothing: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    """Madry et al. PGD-AT: CE on adversarial examples only (attack with frozen BN statistics)."""
+    with frozen_bn_stats(model):
+        x_adv = pgd_attack(model, x, y, norm=cfg.norm, eps=cfg.eps, step=cfg.step, steps=cfg.steps,
+                           loss="ce", generator=generator)
+    logits_adv = model(x_adv)
+    loss = smoothed_cross_entropy(logits_adv, y, label_smoothing)
+    zero = torch.zeros((), device=x.device)
+    return StepOutput(loss, zero, loss.detach(), logits_adv.detach(), logits_adv)

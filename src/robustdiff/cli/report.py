@@ -1,0 +1,52 @@
+"""robustdiff-report: training curves and a comparison table for one run directory or a sweep.
+
+    robustdiff-report PATH [--out DIR] [--wandb-project P [--wandb-entity E]]
+
+Writes report.md, report.csv and figures/<run>.png into DIR (default PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..evaluation.report import write_report
+
+log = logging.getLogger("robustdiff.report")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="robustdiff-report", description=__doc__.split("\n\n")[0])
+    p.add_argument("path", type=Path, help="a run directory (with run.json) or a directory of runs")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: PATH)")
+    p.add_argument("--wandb-project", default=None, help="also log the table and curves to this W&B project")
+    p.add_argument("--wandb-entity", default=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    wandb_run = None
+    if args.wandb_project:
+        import wandb
+
+        wandb_run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, job_type="report",
+                               name=f"report-{args.path.resolve().name}")
+    try:
+        rows = write_report(args.path, args.out, wandb_run=wandb_run)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"robustdiff-report: {e}") from None
+    finally:
+        if wandb_run is not None:
+            wandb_run.finish()
+    out = args.out or args.path
+    log.info("%d run(s); wrote %s, %s and figures/", len(rows), out / "report.md", out / "report.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

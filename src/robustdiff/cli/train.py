@@ -1,0 +1,52 @@
+"""robustdiff-train: compose the Hydra config, then train (or resume) the run it names."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ..training.run import ConfigError, train
+
+
+def project_root() -> Path:
+    """The checkout holding conf/ and experiments/ (robustdiff is installed editable from it)."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "conf" / "train.yaml").is_file():
+            return parent
+    raise FileNotFoundError(f"robustdiff: cannot find conf/train.yaml above {here}; install with `make install`")
+
+
+CONF_DIR = str(project_root() / "conf")
+EXPERIMENTS_DIR = project_root() / "experiments"
+
+
+def with_searchpath(argv: list[str]) -> list[str]:
+    """Let Hydra find the named recipes in experiments/ as the `experiment` config group."""
+    if any(a.startswith("hydra.searchpath") for a in argv):
+        return argv
+    return [*argv, f"hydra.searchpath=[file://{EXPERIMENTS_DIR}]"]
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        summary = train(cfg, run_dir)
+    except ConfigError as e:
+        print(f"robustdiff-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return summary.get("best_val_pgd_acc")  # what a sweeper optimises
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0], *with_searchpath(sys.argv[1:])]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""robustdiff-edm: compose the Hydra config (conf/train_edm.yaml), then train (or resume) the EDM run it names.
+
+    robustdiff-edm dataset=cifar10 edm=cifar10 trainer=gpu logger=wandb
+    robustdiff-edm dataset=fashionmnist edm=small          # CPU demo; rerun the same command to resume
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ..training.diffusion import train_edm
+from ..training.run import ConfigError
+from .train import CONF_DIR, with_searchpath
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_edm")
+def _hydra_main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        train_edm(cfg, run_dir)
+    except ConfigError as e:
+        print(f"robustdiff-edm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0], *with_searchpath(sys.argv[1:])]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Training augmentation on whole batches, as tensor ops on the device (no per-image PIL).
+
+Matches the reference torchvision pipelines: RandomCrop(size, padding, fill 0),
+RandomHorizontalFlip(0.5), and for CIFAR-100 RandomRotation(15) with nearest interpolation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("none", "crop_flip", "crop_flip_rotate")
+
+
+def to_float_nchw(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [0, 1], stored channels_last (no copy of layout)."""
+    return images.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero-pad by `padding` and crop back to the original size at a random offset per image."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
+    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
+    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def random_rotate(x: torch.Tensor, degrees: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Rotate each image by U(−degrees, degrees) about its centre, nearest neighbour, zero fill."""
+    angle = (torch.rand(x.shape[0], generator=generator, device=x.device) * 2 - 1) * math.radians(degrees)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def augment_batch(x: torch.Tensor, kind: str, padding: int = 4, generator: torch.Generator | None = None,
+                  rotation: float = 15.0) -> torch.Tensor:
+    """Apply a dataset's training augmentation to a float batch (B, C, H, W) in [0, 1]."""
+    if kind == "none":
+        return x
+    if kind not in KINDS:
+        raise ValueError(f"unknown augmentation {kind!r}; choose one of {KINDS}")
+    x = random_hflip(random_crop(x, padding, generator), generator)
+    if kind == "crop_flip_rotate":
+        x = random_rotate(x, rotation, generator)
+    return x

@@ -1,0 +1,141 @@
+"""One DataModule for every trainer: real and generated images through the same path.
+
+Batches leave the host as uint8 (B, H, W, C) plus int64 labels; conversion to float and the
+dataset's augmentation happen on the device (see ``data/augment.py``), identically for both
+sources. Which images form batch (epoch, step) is a pure function of the seed
+(``MixedBatchPlan``), so a run resumes mid-epoch on exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from .datasets import VALIDATION_SIZE, get_info, load_split, split_validation
+from .mixing import MixedBatchPlan
+
+GENERATED_SAMPLING = ("with_replacement", "permutation")
+
+
+class MixedBatchLoader:
+    """Iterable over one epoch of this rank's batches; Lightning saves/restores it via state_dict."""
+
+    def __init__(self, plan: MixedBatchPlan, real_images: np.ndarray, real_labels: np.ndarray, store,
+                 rank: int, world_size: int, epoch_fn: Callable[[], int], consumed_fn: Callable[[], tuple]):
+        self.plan, self.store = plan, store
+        self.real_images = torch.from_numpy(real_images)
+        self.real_labels = torch.from_numpy(real_labels)
+        self.rank, self.world_size = rank, world_size
+        self.epoch_fn, self.consumed_fn = epoch_fn, consumed_fn
+        self._resume: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return self.plan.iterations_per_epoch
+
+    def batch(self, epoch: int, step: int) -> dict:
+        real_idx, gen_idx = self.plan.rank_batch(epoch, step, self.rank, self.world_size)
+        ri = torch.from_numpy(real_idx)
+        images, labels = self.real_images[ri], self.real_labels[ri]
+        if len(gen_idx):
+            gx, gy = self.store.get(gen_idx)
+            images = torch.cat([images, torch.from_numpy(gx)])
+            labels = torch.cat([labels, torch.from_numpy(gy)])
+        return {"image": images, "label": labels, "epoch": epoch, "step": step}
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch = self.epoch_fn()
+        start = 0
+        if self._resume is not None:
+            r_epoch, r_step = self._resume
+            self._resume = None
+            if r_epoch == epoch:
+                start = r_step
+        for step in range(start, len(self)):
+            yield self.batch(epoch, step)
+
+    def state_dict(self) -> dict:
+        epoch, consumed = self.consumed_fn()
+        return {"epoch": int(epoch), "consumed": int(consumed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = (int(state["epoch"]), int(state["consumed"]))
+
+
+class RobustDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        dataset: str,
+        batch_size: int,
+        *,
+        data_dir: str | None = None,
+        download: bool = False,
+        generated: str | None = None,
+        ratio: float = 0.3,
+        generated_sampling: str = "with_replacement",
+        seed: int = 0,
+        limit_train: int | None = None,
+        limit_test: int | None = None,
+        val_size: int = VALIDATION_SIZE,
+    ):
+        super().__init__()
+        self.info = get_info(dataset)
+        if generated_sampling not in GENERATED_SAMPLING:
+            raise ValueError(f"generated_sampling must be one of {GENERATED_SAMPLING}, got {generated_sampling!r}")
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"ratio is the real fraction of each batch and must be in [0, 1], got {ratio}")
+        self.batch_size, self.data_dir, self.download = batch_size, data_dir, download
+        self.generated = generated
+        self.ratio, self.generated_sampling, self.seed = ratio, generated_sampling, seed
+        self.limit_train, self.limit_test, self.val_size = limit_train, limit_test, val_size
+        self.store = None
+        self.plan: MixedBatchPlan | None = None
+        self.loader: MixedBatchLoader | None = None
+
+    # Checks that must fail before any long work starts.
+    def open_store(self):
+        if self.generated is None:
+            return None
+        from .store import GeneratedStore
+
+        store = GeneratedStore(Path(self.generated))
+        store.check_compatible(self.info.image_shape, self.info.num_classes, self.info.name)
+        return store
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.plan is not None:
+            return
+        train_x, train_y = load_split(self.info.name, "train", self.data_dir, self.download)
+        test_x, test_y = load_split(self.info.name, "test", self.data_dir, self.download)
+        if self.limit_train:
+            train_x, train_y = train_x[: self.limit_train], train_y[: self.limit_train]
+        if self.limit_test:
+            test_x, test_y = test_x[: self.limit_test], test_y[: self.limit_test]
+        n_base = len(train_x)  # the epoch's base N: the real training set before the validation split
+        (self.train_x, self.train_y), (val_x, val_y) = split_validation(train_x, train_y, self.val_size)
+        self.val = (torch.from_numpy(np.ascontiguousarray(val_x)), torch.from_numpy(val_y))
+        self.test = (torch.from_numpy(np.ascontiguousarray(test_x)), torch.from_numpy(test_y))
+        self.store = self.open_store()
+        self.iterations_per_epoch = math.ceil(n_base / self.batch_size)
+        self.plan = MixedBatchPlan(
+            n_real=len(self.train_x), n_generated=len(self.store) if self.store is not None else 0,
+            batch_size=self.batch_size, ratio=self.ratio if self.store is not None else 1.0,
+            iterations_per_epoch=self.iterations_per_epoch, seed=self.seed,
+            generated_sampling=self.generated_sampling,
+        )
+
+    def train_dataloader(self) -> MixedBatchLoader:
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        module = trainer.lightning_module if trainer is not None else None
+        self.loader = MixedBatchLoader(
+            self.plan, self.train_x, self.train_y, self.store, rank, world,
+            epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else (lambda: 0),
+            consumed_fn=(lambda: module.consumed) if module is not None else (lambda: (0, 0)),
+        )
+        return self.loader

@@ -1,0 +1,334 @@
+"""Reports over training runs: training curves (the robust-overfitting view) and a comparison table.
+
+A run directory is any directory holding ``run.json`` (written by robustdiff-train, with
+``history.json``/``history.csv``, ``summary.json`` and, after robustdiff-eval, ``eval.json``). A
+sweep is any directory with run directories somewhere below it.
+
+Accuracies are fractions in the run files; tables and plots show percentages.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..utils.io import atomic_path, atomic_write_text
+from .robustness import format_count, format_eps, paper_result
+
+# The gap (test PGD, best minus last, in points) beyond which a run is flagged as robustly overfitting.
+OVERFIT_GAP = 3.0
+
+# (key, header) of the comparison table, in order.
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("run", "run"),
+    ("dataset", "dataset"),
+    ("norm", "norm"),
+    ("eps", "ε"),
+    ("model", "model"),
+    ("ratio", "ratio"),
+    ("epochs", "epochs"),
+    ("n_generated", "generated"),
+    ("best_epoch", "best epoch"),
+    ("clean_best", "clean best (%)"),
+    ("pgd_best", "PGD-40 best (%)"),
+    ("clean_last", "clean last (%)"),
+    ("pgd_last", "PGD-40 last (%)"),
+    ("pgd_gap", "PGD best−last"),
+    ("eval_clean", "eval clean (%)"),
+    ("eval_pgd", "eval PGD-40 (%)"),
+    ("autoattack", "AutoAttack (%)"),
+    ("eval_n", "eval points"),
+    ("paper_clean", "paper clean (%)"),
+    ("paper_autoattack", "paper AA (%)"),
+    ("finished", "finished"),
+)
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]  # run.json
+    history: list[dict[str, Any]]  # one row per epoch, missing values None
+    summary: dict[str, Any] | None
+    evaluation: dict[str, Any] | None  # eval.json
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name") or self.path.name)
+
+
+def find_runs(path: str | os.PathLike) -> list[Path]:
+    """Run directories at or below ``path`` (those holding run.json), sorted."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory")
+    if (path / "run.json").is_file():
+        return [path]
+    runs = sorted(p.parent for p in path.rglob("run.json") if p.is_file())
+    if not runs:
+        raise FileNotFoundError(f"no run directories (with run.json) at or below {path}")
+    return runs
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _cell(value: str) -> Any:
+    value = value.strip()
+    if value == "" or value.lower() in ("none", "nan", "null"):
+        return None
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return int(number) if number.is_integer() and re.fullmatch(r"-?\d+", value) else number
+
+
+def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """history.json (a list of rows, or {'rows': [...]}) or else history.csv; NaN and empty cells become None."""
+    run_dir = Path(run_dir)
+    if (run_dir / "history.json").is_file():
+        rows = _read_json(run_dir / "history.json")
+        rows = rows.get("rows", []) if isinstance(rows, dict) else rows
+    elif (run_dir / "history.csv").is_file():
+        with open(run_dir / "history.csv", newline="") as f:
+            rows = [{k: _cell(v or "") for k, v in row.items()} for row in csv.DictReader(f)]
+    else:
+        return []
+    clean = []
+    for row in rows:
+        clean.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    return sorted(clean, key=lambda r: r.get("epoch") or 0)
+
+
+def load_run(run_dir: str | os.PathLike) -> Run:
+    run_dir = Path(run_dir)
+    config = _read_json(run_dir / "run.json")
+    summary = _read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else None
+    evaluation = _read_json(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else None
+    return Run(run_dir, config, read_history(run_dir), summary, evaluation)
+
+
+# --- plots -------------------------------------------------------------------------------------------
+
+def _series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for row in history:
+        if row.get(key) is not None and row.get("epoch") is not None:
+            xs.append(row["epoch"])
+            ys.append(100 * float(row[key]))
+    return xs, ys
+
+
+def _title(run: Run) -> str:
+    c = run.config
+    norm = c.get("norm") or {}
+    eps = f" ε={format_eps(norm['eps'])}" if norm.get("eps") else ""
+    return (f"{run.name}: {c.get('dataset', '?')} {norm.get('name', '?')}{eps}, ratio {c.get('ratio', '?')}, "
+            f"{format_count(c.get('n_generated'))} generated")
+
+
+def plot_training_curves(run: Run, out_png: str | os.PathLike) -> Path:
+    """Clean test accuracy, validation and test PGD accuracy per epoch, best epoch marked. Writes a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    styles = (("test_clean_acc", "clean (test)", "tab:blue", "-", None),
+              ("val_pgd_acc", "PGD-40 (validation)", "tab:red", "-", None),
+              ("test_pgd_acc", "PGD-40 (test)", "tab:red", "none", "o"),
+              ("train_acc_adv", "adversarial (train)", "tab:gray", ":", None))
+    for key, label, color, line, marker in styles:
+        xs, ys = _series(run.history, key)
+        if xs:
+            ax.plot(xs, ys, label=label, color=color, linestyle=line, marker=marker, markersize=4)
+    best = (run.summary or {}).get("best_epoch")
+    if best is None:
+        best = next((r["epoch"] for r in reversed(run.history) if r.get("is_best")), None)
+    if best is not None:
+        ax.axvline(best, color="tab:green", linestyle="--", linewidth=1, label=f"best epoch ({best})")
+        xs, ys = _series(run.history, "val_pgd_acc")
+        if best in xs:
+            ax.plot([best], [ys[xs.index(best)]], marker="*", color="tab:green", markersize=12, linestyle="none")
+    s = run.summary or {}
+    if s.get("test_pgd_acc_best") is not None and s.get("test_pgd_acc_last") is not None:
+        gap = 100 * (s["test_pgd_acc_best"] - s["test_pgd_acc_last"])
+        ax.text(0.99, 0.02, f"test PGD best − last: {gap:+.2f} points", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(_title(run), fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return out_png
+
+
+# --- table -------------------------------------------------------------------------------------------
+
+def _p(v: Any) -> float | None:
+    return None if v is None else round(100 * float(v), 2)
+
+
+def _relpath(run_dir: Path, root: Path | None) -> str:
+    if root is None or run_dir == root:
+        return run_dir.name
+    return run_dir.relative_to(root).as_posix()
+
+
+def run_row(run: Run, root: Path | None = None) -> dict[str, Any]:
+    """One comparison-table row: settings, best/last accuracies (%), eval.json results, the paper's numbers."""
+    c, s, e = run.config, run.summary or {}, run.evaluation or {}
+    norm = c.get("norm") or {}
+    model = c.get("model") or {}
+    model_name = f"wrn-{model['depth']}-{model['width']}" if model.get("depth") else model.get("name")
+    paper = paper_result(c.get("dataset", ""), norm.get("name", ""), model_name or "", c.get("n_generated") or 0,
+                         epochs=c.get("epochs"))
+    aa = e.get("autoattack") or {}
+    gap = None
+    if s.get("test_pgd_acc_best") is not None and s.get("test_pgd_acc_last") is not None:
+        gap = round(100 * (s["test_pgd_acc_best"] - s["test_pgd_acc_last"]), 2)
+    warnings = list(e.get("warnings") or [])
+    if gap is not None and gap > OVERFIT_GAP:
+        warnings.append(f"robust overfitting: test PGD fell {gap:.2f} points from the best to the last epoch")
+    if s and not s.get("finished", True):
+        warnings.append("training has not finished")
+    if not s:
+        warnings.append("no summary.json")
+    return {
+        "run": run.name,
+        "path": _relpath(run.path, root),
+        "dataset": c.get("dataset"),
+        "norm": norm.get("name"),
+        "eps": format_eps(norm["eps"]) if norm.get("eps") else None,
+        "model": model_name,
+        "ratio": c.get("ratio"),
+        "epochs": c.get("epochs"),
+        "n_generated": c.get("n_generated") or 0,
+        "best_epoch": s.get("best_epoch"),
+        "last_epoch": s.get("last_epoch"),
+        "clean_best": _p(s.get("test_clean_acc_best")),
+        "pgd_best": _p(s.get("test_pgd_acc_best")),
+        "clean_last": _p(s.get("test_clean_acc_last")),
+        "pgd_last": _p(s.get("test_pgd_acc_last")),
+        "pgd_gap": gap,
+        "eval_clean": _p((e.get("clean") or {}).get("acc")),
+        "eval_pgd": _p((e.get("pgd") or {}).get("acc")),
+        "autoattack": _p(aa.get("robust_acc")),
+        "autoattack_version": aa.get("version"),
+        "autoattack_flags": ",".join(aa.get("flags") or []) or None,
+        "eval_n": e.get("n_examples"),
+        "paper_clean": paper.clean if paper else None,
+        "paper_autoattack": paper.autoattack if paper else None,
+        "finished": s.get("finished"),
+        "warnings": warnings,
+    }
+
+
+def table_rows(runs: Sequence[Run], root: Path | None = None) -> list[dict[str, Any]]:
+    """Rows for all runs, sorted by dataset, norm, ratio, epochs, generated count, name."""
+    rows = [run_row(r, root) for r in runs]
+    return sorted(rows, key=lambda r: (str(r["dataset"]), str(r["norm"]), r["ratio"] if r["ratio"] is not None else 2,
+                                       r["epochs"] or 0, r["n_generated"], r["run"]))
+
+
+def _fmt(key: str, v: Any) -> str:
+    if v is None:
+        return "—"
+    if key == "n_generated":
+        return format_count(v)
+    if key == "pgd_gap":
+        return f"{v:+.2f}"
+    if isinstance(v, float) and key != "ratio":
+        return f"{v:.2f}"
+    return str(v)
+
+
+def render_markdown(rows: Sequence[dict[str, Any]], figures: dict[str, str], title: str) -> str:
+    lines = [f"# {title}", "",
+             f"{len(rows)} run(s). Accuracies in %. *best* = the checkpoint with the best validation PGD-40 "
+             "(model.pt), *last* = the final epoch; eval and AutoAttack columns come from eval.json (best "
+             "checkpoint; see *eval points* for how many test images). Paper columns: Wang et al. (ICML 2023) "
+             "for the same dataset, norm, model and amount of generated data, when published.", ""]
+    lines.append("| " + " | ".join(h for _, h in COLUMNS) + " |")
+    lines.append("|" + "---|" * len(COLUMNS))
+    for r in rows:
+        cells = []
+        for key, _ in COLUMNS:
+            cell = _fmt(key, r.get(key))
+            if key == "autoattack" and r.get("autoattack") is not None and r.get("autoattack_version") != "standard":
+                cell += " (subset)"
+            cells.append(cell.replace("|", "\\|"))
+        lines.append("| " + " | ".join(cells) + " |")
+    if figures:
+        lines += ["", "## Training curves", ""]
+        for r in rows:
+            if r["path"] in figures:
+                lines += [f"### {r['run']}", "", f"![{r['run']}]({figures[r['path']]})", ""]
+    notes = [(r["run"], w) for r in rows for w in r["warnings"]]
+    if notes:
+        lines += ["", "## Warnings", ""] + [f"- **{name}**: {w}" for name, w in notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def render_csv(rows: Sequence[dict[str, Any]]) -> str:
+    keys = ["path"] + [k for k, _ in COLUMNS] + ["last_epoch", "autoattack_version", "autoattack_flags", "warnings"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(keys)
+    for r in rows:
+        writer.writerow(["" if r.get(k) is None else ("; ".join(r[k]) if k == "warnings" else r[k]) for k in keys])
+    return buf.getvalue()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
+
+
+def write_report(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+                 wandb_run: Any = None) -> list[dict[str, Any]]:
+    """Report on one run or a sweep: ``report.md``, ``report.csv`` and ``figures/<run>.png`` in ``out_dir``
+    (default: ``path``). With ``wandb_run`` (a wandb Run), also logs the table and the curves. Returns the rows.
+    """
+    root = Path(path)
+    out_dir = Path(out_dir) if out_dir is not None else root
+    runs = [load_run(d) for d in find_runs(root)]
+    rows = table_rows(runs, root)
+    figures: dict[str, str] = {}
+    for run in runs:
+        key = _relpath(run.path, root)
+        if run.history:
+            png = out_dir / "figures" / f"{_slug(key)}.png"
+            plot_training_curves(run, png)
+            figures[key] = os.path.relpath(png, out_dir)
+    atomic_write_text(out_dir / "report.md", render_markdown(rows, figures, f"robustdiff report: {root}"))
+    atomic_write_text(out_dir / "report.csv", render_csv(rows))
+    if wandb_run is not None:
+        import wandb
+
+        keys = ["path"] + [k for k, _ in COLUMNS]
+        table = wandb.Table(columns=keys, data=[[r.get(k) for k in keys] for r in rows])
+        payload: dict[str, Any] = {"report/runs": table}
+        for key, rel in figures.items():
+            payload[f"report/curves/{_slug(key)}"] = wandb.Image(str(out_dir / rel))
+        wandb_run.log(payload)
+    return rows

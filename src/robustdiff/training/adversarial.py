@@ -1,0 +1,275 @@
+"""Lightning glue for TRADES / PGD-AT training of a WideResNet (SPEC §5).
+
+The math lives in ``robustdiff.adversarial``; this module owns the loop: per-step randomness,
+the BN-momentum rule, EMA, the per-epoch "cosinew" schedule, evaluation of the EMA model and
+the state that a resumed run needs (history, best score, RNG states).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from ..adversarial.attacks import accuracy_counts, pgd_attack
+from ..adversarial.trades import AttackConfig, pgd_at_loss, trades_loss
+from ..data.augment import augment_batch, to_float_nchw
+from ..models.wrn import bn_parameter_names, set_bn_momentum
+from .ema import EMA
+from .schedule import CosineW
+
+LOSSES = ("trades", "pgd_at")
+SCHEDULES = ("cosinew", "constant")
+
+
+def step_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed derived from (seed, keys...): every step's randomness is a pure function of its position."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint32).astype(np.uint64)
+               .dot(np.array([1 << 31, 1], dtype=np.uint64)) & ((1 << 63) - 1))
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+class AdversarialTraining(pl.LightningModule):
+    def __init__(
+        self,
+        model: nn.Module,
+        attack: AttackConfig,
+        *,
+        epochs: int,
+        iterations_per_epoch: int,
+        loss: str = "trades",
+        beta: float = 5.0,
+        label_smoothing: float = 0.1,
+        lr: float = 0.2,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 5e-4,
+        schedule: str = "cosinew",
+        cycle_momentum: bool = True,
+        ema_decay: float = 0.995,
+        ema_warmup: float = 0.025,
+        augmentation: str = "crop_flip",
+        crop_padding: int = 4,
+        seed: int = 0,
+        eval_batch_size: int = 256,
+        eval_steps: int = 40,
+        val_loss: str = "cw",
+        test_loss: str = "ce",
+        test_every: int = 25,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        self.attack = attack
+        self.epochs, self.iterations_per_epoch = epochs, iterations_per_epoch
+        self.loss_name, self.beta, self.label_smoothing = loss, beta, label_smoothing
+        self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay
+        self.schedule, self.cycle_momentum = schedule, cycle_momentum
+        self.ema = EMA(self.model, tau=ema_decay, warmup_steps=ema_warmup * epochs * iterations_per_epoch)
+        self.augmentation, self.crop_padding, self.seed = augmentation, crop_padding, seed
+        self.eval_batch_size, self.eval_steps = eval_batch_size, eval_steps
+        self.val_loss, self.test_loss, self.test_every = val_loss, test_loss, test_every
+        self.channels_last = channels_last
+        # State a resumed run needs beyond weights/optimiser (saved in on_save_checkpoint).
+        self.history: list[dict[str, Any]] = []
+        self.best_score = -math.inf
+        self.best_epoch = -1
+        self.last_is_best = False
+        self.interrupted = False
+        self.consumed = (0, 0)  # (epoch, batches of that epoch whose optimiser step ran)
+        self._train_sums: torch.Tensor | None = None
+        self._epoch_lr = lr
+        self._eval_data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        no_decay = bn_parameter_names(self.model)
+        decay, plain = [], []
+        for name, p in self.model.named_parameters():
+            (plain if name in no_decay else decay).append(p)
+        optimizer = torch.optim.SGD(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": plain, "weight_decay": 0.0}],
+            lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
+        )
+        if self.schedule == "constant":
+            return optimizer
+        # The reference "cosinew": OneCycleLR over epochs, stepped once per epoch, PyTorch defaults
+        # (div 25, final div 1e4, cosine) including the momentum cycle 0.95 -> 0.85 -> 0.95.
+        scheduler = CosineW(optimizer, max_lr=self.lr, total_steps=self.epochs, pct_start=0.025,
+                            cycle_momentum=self.cycle_momentum)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # ------------------------------------------------------------------ data on the device
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if not self.trainer.training:
+            return batch
+        x = to_float_nchw(batch["image"])
+        g = make_generator(x.device, step_seed(self.seed, 0, batch["epoch"], batch["step"], self.global_rank))
+        batch["x"] = augment_batch(x, self.augmentation, self.crop_padding, g)
+        batch["generator"] = g
+        return batch
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x, y, g = batch["x"], batch["label"], batch["generator"]
+        first_step = self.global_step == 0
+        if first_step:
+            set_bn_momentum(self.model, 1.0)  # running statistics start from the first batch
+        if self.loss_name == "trades":
+            out = trades_loss(self.model, x, y, self.attack, beta=self.beta,
+                              label_smoothing=self.label_smoothing, generator=g)
+        else:
+            out = pgd_at_loss(self.model, x, y, self.attack, label_smoothing=self.label_smoothing, generator=g)
+        if first_step:
+            set_bn_momentum(self.model, 0.01)
+        with torch.no_grad():
+            sums = torch.stack([
+                out.loss.detach().float() * y.shape[0], out.loss_natural.float() * y.shape[0],
+                out.loss_robust.float() * y.shape[0],
+                (out.logits_natural.argmax(1) == y).sum().float(), (out.logits_adv.argmax(1) == y).sum().float(),
+                torch.tensor(float(y.shape[0]), device=y.device),
+            ])
+            self._train_sums = sums if self._train_sums is None else self._train_sums.to(sums.device) + sums
+        self.log("train/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        self.consumed = (batch["epoch"], batch["step"] + 1)
+        return out.loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end: callbacks (checkpoints on a signal) run before that hook.
+        self.ema.update(self.model)
+
+    def on_train_epoch_start(self) -> None:
+        # Not called when Lightning resumes part-way through an epoch: on_load_checkpoint restored these.
+        self._train_sums = None
+        # The schedule steps once per epoch, after the epoch: record the lr this epoch trains with.
+        self._epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+
+    # ------------------------------------------------------------------ evaluation of the EMA model
+    def set_eval_data(self, val: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """val/test: uint8 (N, H, W, C) and int64 (N,) tensors; moved to the device once."""
+        self._eval_data = {"val": val, "test": test}
+
+    def _shard(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self._eval_data[split]
+        rank, world = self.global_rank, self.trainer.world_size if self._trainer else 1
+        x, y = x[rank::world].to(self.device), y[rank::world].to(self.device)
+        return to_float_nchw(x), y
+
+    def _count(self, split: str, attack_loss: str | None, tag: int) -> float:
+        x, y = self._shard(split)
+        model = self.ema.module
+        attack = None
+        if attack_loss is not None:
+            g = make_generator(x.device, step_seed(self.seed, 1, tag, self.current_epoch, self.global_rank))
+            a = self.attack
+
+            def attack(xb, yb):
+                return pgd_attack(model, xb, yb, norm=a.norm, eps=a.eps, step=a.step, steps=self.eval_steps,
+                                  loss=attack_loss, generator=g)
+        correct = accuracy_counts(model, x, y, self.eval_batch_size, attack).float()
+        total = torch.tensor(float(y.shape[0]), device=self.device)
+        stats = self.trainer.strategy.reduce(torch.stack([correct, total]), reduce_op="sum")
+        return float(stats[0] / stats[1].clamp_min(1))
+
+    def evaluate_epoch(self) -> dict[str, Any]:
+        self.ema.copy_buffers(self.model)
+        self.ema.module.eval()
+        epoch = self.current_epoch
+        row: dict[str, Any] = {"epoch": epoch + 1}
+        row["lr"] = self._epoch_lr
+        if self._train_sums is not None:
+            s = self.trainer.strategy.reduce(self._train_sums, reduce_op="sum").tolist()
+            n = max(s[5], 1.0)
+            row.update(train_loss=s[0] / n, train_loss_natural=s[1] / n, train_loss_robust=s[2] / n,
+                       train_acc_natural=s[3] / n, train_acc_adv=s[4] / n)
+        with torch.inference_mode(False):
+            row["test_clean_acc"] = self._count("test", None, 0)
+            row["val_pgd_acc"] = self._count("val", self.val_loss, 1)
+            last = epoch + 1 == self.epochs
+            row["test_pgd_acc"] = (self._count("test", self.test_loss, 2)
+                                   if last or (epoch + 1) % self.test_every == 0 else None)
+        # Ties go to the later epoch.
+        self.last_is_best = row["val_pgd_acc"] >= self.best_score
+        if self.last_is_best:
+            self.best_score, self.best_epoch = row["val_pgd_acc"], epoch + 1
+        row["is_best"] = self.last_is_best
+        self.history.append(row)
+        self.log_dict({f"epoch/{k}": float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"},
+                      rank_zero_only=True, sync_dist=False)
+        self.log("epoch", float(epoch + 1), rank_zero_only=True)
+        return row
+
+    def on_train_epoch_end(self) -> None:
+        if self.interrupted:
+            return  # a signal stopped this epoch part-way: last.ckpt already holds the mid-epoch state
+        self.evaluate_epoch()
+
+    # ------------------------------------------------------------------ resumable state
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["robustdiff"] = {
+            "history": self.history,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "consumed": list(self.consumed),
+            "epoch_lr": self._epoch_lr,
+            "train_sums": None if self._train_sums is None else self._train_sums.detach().cpu(),
+            "rng": capture_rng(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("robustdiff", {})
+        self.history = list(state.get("history", []))
+        self.best_score = state.get("best_score", -math.inf)
+        self.best_epoch = state.get("best_epoch", -1)
+        self.consumed = tuple(state.get("consumed", (0, 0)))
+        self._epoch_lr = state.get("epoch_lr", self.lr)
+        sums = state.get("train_sums")
+        self._train_sums = None if sums is None else sums.to(self.device)
+        if "rng" in state:
+            restore_rng(state["rng"])
+
+
+def capture_rng() -> dict:
+    """RNG states in a form torch.load(weights_only=True) accepts (no numpy objects)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+        "numpy_has_gauss": int(np_state[3]), "numpy_gauss": float(np_state[4]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def attack_from_config(norm: dict) -> AttackConfig:
+    return AttackConfig(norm=norm["name"], eps=float(norm["eps"]), step=float(norm["step"]), steps=int(norm["steps"]))
+
+
+__all__ = ["AdversarialTraining", "attack_from_config", "step_seed"]

@@ -1,0 +1,129 @@
+"""Run-directory bookkeeping: atomic checkpoints, history files, and stopping cleanly on signals."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
+from pytorch_lightning.callbacks import Checkpoint
+
+from ..utils.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
+
+HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_loss_natural", "train_loss_robust", "train_acc_natural",
+                  "train_acc_adv", "test_clean_acc", "val_pgd_acc", "test_pgd_acc", "is_best"]
+
+
+class AtomicCheckpointIO(CheckpointIO):
+    """Lightning checkpoints written by temp file + rename, and read back with weights_only=True."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+    def remove_checkpoint(self, path) -> None:
+        raise RuntimeError("robustdiff never deletes checkpoints")
+
+
+def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in HISTORY_FIELDS})
+    atomic_write_text(run_dir / "history.csv", buf.getvalue())
+    atomic_write_json(run_dir / "history.json", history)
+
+
+def summarise(history: list[dict[str, Any]], finished: bool) -> dict[str, Any]:
+    if not history:
+        return {"finished": finished}
+    best = max(history, key=lambda r: (r["val_pgd_acc"], r["epoch"]))  # ties -> later epoch
+    last = history[-1]
+    tested = [r for r in history if r.get("test_pgd_acc") is not None]
+    return {
+        "best_epoch": best["epoch"], "best_val_pgd_acc": best["val_pgd_acc"],
+        "last_epoch": last["epoch"], "last_val_pgd_acc": last["val_pgd_acc"],
+        "test_clean_acc_best": best["test_clean_acc"], "test_clean_acc_last": last["test_clean_acc"],
+        "test_pgd_acc_best": best.get("test_pgd_acc"),
+        "test_pgd_acc_last": tested[-1]["test_pgd_acc"] if tested else None,
+        "finished": finished,
+    }
+
+
+class RunCheckpoint(Checkpoint):
+    """Saves ``last.ckpt`` every epoch and on SIGTERM/SIGUSR1, ``best.ckpt`` + ``model.pt`` on a new best.
+
+    Being a ``Checkpoint`` it runs after the LightningModule's ``on_train_epoch_end`` (where the
+    epoch's evaluation happens). ``interrupt_after_steps`` simulates a signal after that many
+    optimiser steps (used by the resume tests).
+    """
+
+    def __init__(self, run_dir: Path, interrupt_after_steps: int | None = None):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.interrupt_after_steps = interrupt_after_steps
+        self._signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def last_path(self) -> Path:
+        return self.ckpt_dir / "last.ckpt"
+
+    # -- signals: remember, then act between two steps so the saved state is consistent
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is not None:
+                try:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread
+                    pass
+
+    def _handle(self, signum, frame) -> None:
+        self._signal = signum
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.interrupt_after_steps is not None and trainer.global_step >= self.interrupt_after_steps:
+            self._signal = signal.SIGTERM
+        if self._signal is not None and not pl_module.interrupted:
+            pl_module.interrupted = True
+            # A signal reaches one rank; every rank must stop on the same step.
+            trainer.save_checkpoint(self.last_path)
+            trainer.should_stop = True
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if pl_module.interrupted:
+            return
+        trainer.save_checkpoint(self.last_path)
+        if pl_module.last_is_best:
+            trainer.save_checkpoint(self.ckpt_dir / "best.ckpt")
+            if trainer.is_global_zero:
+                atomic_torch_save(pl_module.ema.module.state_dict(), self.run_dir / "model.pt")
+        if trainer.is_global_zero:
+            write_history(self.run_dir, pl_module.history)
+            last = len(pl_module.history) and pl_module.history[-1]["epoch"] == pl_module.epochs
+            atomic_write_json(self.run_dir / "summary.json", summarise(pl_module.history, finished=bool(last)))
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def fmt_acc(value: float | None) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
+
+
+__all__ = ["AtomicCheckpointIO", "RunCheckpoint", "write_history", "summarise", "fmt_acc", "atomic_path"]

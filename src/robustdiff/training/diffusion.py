@@ -1,0 +1,449 @@
+"""Lightning glue for EDM training of a class-conditional SongUNet (SPEC §7).
+
+The math (preconditioning, loss, augmentation, sampler) lives in ``robustdiff.diffusion``; this module
+owns the loop around it, following NVIDIA's ``training_loop.py``:
+
+* Adam(0.9, 0.999, eps 1e-8), no weight decay; lr ramped linearly over the first ``lr_rampup_kimg``
+  thousand images (lr·min(images_before_step / rampup, 1), so the very first step has lr 0), then
+  constant. Gradients pass through nan_to_num (nan → 0, ±inf → ±1e5); no clipping.
+* EMA with half-life h = min(ema_halflife_kimg·1000, ema_rampup·images_before_step) images and
+  β = 0.5^(batch / max(h, 1e-8)); buffers are copied.
+* Duration and snapshots are counted in images of the global batch.
+
+Every step's randomness (σ, noise, augmentation, dropout) comes from seeds derived from
+(seed, step, rank), and the data position is part of the checkpoint, so a resumed run continues
+exactly as an uninterrupted one.
+
+Files in the run directory: ``checkpoints/last.ckpt`` (full state; on each snapshot, at the end and
+on SIGTERM/SIGUSR1), ``network.pt`` (EMA network: {"kwargs", "ema"}, plain tensors, loads with
+``weights_only=True``; see ``load_network``), ``samples/grid-<kimg>.png``, ``run.json``,
+``config.yaml``, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Checkpoint
+
+from ..data.augment import to_float_nchw
+from ..data.datamodule import RobustDataModule
+from ..data.datasets import get_info
+from ..diffusion.augment import AUGMENT_DIM, AugmentPipe
+from ..diffusion.edm import EDMPrecond, edm_loss
+from ..diffusion.sampler import sample_images
+from ..models.unet import UNET_PRESETS, resolution_pyramid, unet_preset
+from ..utils.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
+from .adversarial import step_seed
+from .callbacks import AtomicCheckpointIO
+from .run import ConfigError, build_logger
+
+NETWORK_FORMAT = "robustdiff-edm-network"
+# Fields that define what an EDM run is: resuming with any of them changed is refused.
+IDENTITY_FIELDS = ("dataset", "resolution", "label_dim", "network", "kwargs", "batch_size", "lr",
+                   "lr_rampup_kimg", "duration_kimg", "ema_halflife_kimg", "ema_rampup", "augment_p", "seed",
+                   "limit_train")
+
+
+class NetworkFileError(ValueError):
+    """A file is not a robustdiff EDM network (network.pt) or does not fit what it is used for."""
+
+
+# ---------------------------------------------------------------------------------------------------- networks
+
+
+def network_kwargs(preset: str, img_resolution: int, img_channels: int, label_dim: int,
+                   dropout: float | None = None, augment: bool = True) -> dict[str, Any]:
+    """EDMPrecond constructor kwargs (precond + SongUNet) for a SongUNet preset; plain Python values."""
+    kwargs = unet_preset(preset, img_resolution)
+    if dropout is not None:
+        kwargs["dropout"] = float(dropout)
+    kwargs["augment_dim"] = AUGMENT_DIM if augment else 0
+    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
+    return dict(img_resolution=int(img_resolution), img_channels=int(img_channels), label_dim=int(label_dim),
+                sigma_min=0.0, sigma_max=float("inf"), sigma_data=0.5, **kwargs)
+
+
+def save_network(path: str | os.PathLike, kwargs: dict[str, Any], ema: torch.nn.Module,
+                 extra: dict[str, Any] | None = None) -> None:
+    """Write ``network.pt`` atomically: {"format", "kwargs", "ema": state dict on CPU, **extra}."""
+    state = {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()}
+    atomic_torch_save({"format": NETWORK_FORMAT, "kwargs": dict(kwargs), "ema": state, **(extra or {})}, path)
+
+
+def load_network(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[EDMPrecond, dict]:
+    """Load a ``network.pt`` written by robustdiff-edm (weights_only, never plain unpickling).
+
+    Returns (EDMPrecond in eval mode on ``device``, the file's dict without the weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NetworkFileError(f"{path}: no such network file (expected a robustdiff-edm network.pt or an "
+                               f"NVIDIA EDM .pkl)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        raise NetworkFileError(f"{path}: cannot be read as a weights-only torch file ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}) — expected a robustdiff-edm "
+                               f"network.pt") from e
+    if not isinstance(obj, dict) or not isinstance(obj.get("kwargs"), dict) or not isinstance(obj.get("ema"), dict):
+        keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise NetworkFileError(
+            f"{path}: not an EDM network file — expected a dict with 'kwargs' and 'ema' (network.pt written by "
+            f"robustdiff-edm), got {keys}. A classifier (model.pt) or a Lightning .ckpt is not a generator."
+        )
+    try:
+        net = EDMPrecond(**obj["kwargs"])
+        net.load_state_dict(obj["ema"], strict=True)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise NetworkFileError(f"{path}: its kwargs/ema do not build an EDMPrecond(SongUNet): {e}") from e
+    info = {k: v for k, v in obj.items() if k != "ema"}
+    return net.eval().requires_grad_(False).to(device), info
+
+
+# ---------------------------------------------------------------------------------------------------- sample grid
+
+
+def sample_grid(net: EDMPrecond, num_classes: int, rows: int, seed: int, num_steps: int,
+                batch_size: int = 256) -> np.ndarray:
+    """A grid of rows × num_classes samples (column c = class c; unconditional: rows × 10).
+    Returns uint8 (rows·R, cols·R, C)."""
+    cols = num_classes if net.label_dim else 10
+    images, _ = sample_images(net, range(rows * cols), cols, seed=seed, num_steps=num_steps,
+                              batch_size=batch_size)
+    r, c = net.img_resolution, net.img_channels
+    return images.reshape(rows, cols, r, r, c).transpose(0, 2, 1, 3, 4).reshape(rows * r, cols * r, c)
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """uint8 (H, W, C) with C in {1, 3} → PNG, written atomically."""
+    from PIL import Image
+
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    with atomic_path(path) as tmp:
+        pil.save(tmp, format="PNG")
+
+
+def kimg_label(images: int) -> str:
+    """'2500' for 2.5M images, '0.256' for 256 (zero-padded so file names sort)."""
+    text = f"{images / 1000:010.3f}".rstrip("0").rstrip(".")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------- the module
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device):
+    """Run a block with the global RNG (used by dropout) seeded to `seed`; restore it afterwards."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class EDMTraining(pl.LightningModule):
+    """EDM denoising-score-matching training of ``EDMPrecond(**net_kwargs)`` with an EMA copy.
+
+    Batches are the DataModule's dicts (uint8 (B, H, W, C) images); ``crop`` center-crops them to
+    crop × crop. ``batch_size`` is the global batch (all ranks): it counts images for the lr ramp,
+    the EMA and the duration.
+    """
+
+    def __init__(self, net_kwargs: dict[str, Any], *, batch_size: int, lr: float = 1e-3,
+                 lr_rampup_kimg: float = 10_000, ema_halflife_kimg: float = 500, ema_rampup: float | None = 0.05,
+                 augment_p: float = 0.12, seed: int = 0, crop: int | None = None):
+        super().__init__()
+        self.net_kwargs = dict(net_kwargs)
+        self.net = EDMPrecond(**self.net_kwargs)
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.augment_pipe = AugmentPipe(p=augment_p) if augment_p > 0 else None
+        self.batch_size, self.lr, self.lr_rampup_kimg = int(batch_size), float(lr), float(lr_rampup_kimg)
+        self.ema_halflife_kimg = float(ema_halflife_kimg)
+        self.ema_rampup = None if ema_rampup is None else float(ema_rampup)
+        self.seed, self.crop = int(seed), crop
+        self.consumed = (0, 0)  # (epoch, batches of that epoch whose optimiser step ran): the data position
+        self.interrupted = False
+
+    @property
+    def images_seen(self) -> int:
+        return int(self.global_step) * self.batch_size
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.net.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=1e-8,
+                                     weight_decay=0.0)
+        rampup = self.lr_rampup_kimg * 1000
+
+        def ramp(step: int) -> float:  # step = optimiser steps taken before this one
+            return 1.0 if rampup <= 0 else min(step * self.batch_size / rampup, 1.0)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, ramp)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        x = to_float_nchw(batch["image"])  # [0, 1]
+        if self.crop is not None and self.crop < x.shape[-1]:
+            top, left = (x.shape[-2] - self.crop) // 2, (x.shape[-1] - self.crop) // 2
+            x = x[..., top:top + self.crop, left:left + self.crop]
+        batch["x"] = x * 2 - 1  # the generator's range [-1, 1]
+        return batch
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        step, rank = int(self.global_step), int(self.global_rank)
+        g = torch.Generator(device=self.device)
+        g.manual_seed(step_seed(self.seed, 0, step, rank))
+        labels = batch["label"] if self.net.label_dim else None
+        with seeded_global_rng(step_seed(self.seed, 1, step, rank), self.device):  # dropout
+            loss = edm_loss(self.net, batch["x"], labels, self.augment_pipe, generator=g)
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self.consumed = (batch["epoch"], batch["step"] + 1)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        for p in self.net.parameters():
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        images_before_step = self.images_seen  # global_step counts this step only once the hook returns
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: callbacks (snapshots) run before the module's batch-end hook.
+        self.update_ema(images_before_step)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log("kimg", self.images_seen / 1000, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    @torch.no_grad()
+    def update_ema(self, images_before_step: int) -> float:
+        halflife = self.ema_halflife_kimg * 1000
+        if self.ema_rampup is not None:
+            halflife = min(halflife, self.ema_rampup * images_before_step)
+        beta = 0.5 ** (self.batch_size / max(halflife, 1e-8))
+        # ema = β·ema + (1 − β)·net
+        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.net.parameters()], 1.0 - beta)
+        for dst, src in zip(self.ema.buffers(), self.net.buffers()):
+            dst.copy_(src)
+        return beta
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.ema.eval()  # the average never runs dropout
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["robustdiff"] = {"consumed": list(self.consumed), "net_kwargs": self.net_kwargs}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.consumed = tuple(checkpoint.get("robustdiff", {}).get("consumed", (0, 0)))
+
+
+# ---------------------------------------------------------------------------------------------------- run files
+
+
+class EDMSnapshot(Checkpoint):
+    """Every ``snapshot_kimg`` (and at the end, and on SIGTERM/SIGUSR1): ``checkpoints/last.ckpt``,
+    ``network.pt`` and a sample grid of the EMA network. ``interrupt_after_steps`` simulates a signal."""
+
+    def __init__(self, run_dir: Path, snapshot_kimg: float, grid_rows: int = 4, grid_steps: int = 18,
+                 grid_seed: int = 0, interrupt_after_steps: int | None = None, extra: dict | None = None):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.snapshot_images = max(1, int(round(snapshot_kimg * 1000)))
+        self.grid_rows, self.grid_steps, self.grid_seed = grid_rows, grid_steps, grid_seed
+        self.interrupt_after_steps = interrupt_after_steps
+        self.extra = extra or {}
+        self._signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.ckpt"
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: EDMTraining) -> None:
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is not None:
+                with contextlib.suppress(ValueError):  # not the main thread
+                    self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self._signal = signum
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: EDMTraining) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def on_train_batch_end(self, trainer, pl_module: EDMTraining, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.interrupt_after_steps is not None and step >= self.interrupt_after_steps:
+            self._signal = signal.SIGTERM
+        stop = self._signal is not None
+        if trainer.world_size > 1:  # a signal reaches one rank; every rank must stop on the same step
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        images = step * pl_module.batch_size
+        due = images // self.snapshot_images > (images - pl_module.batch_size) // self.snapshot_images
+        last = trainer.max_steps is not None and 0 < trainer.max_steps <= step
+        if stop:
+            pl_module.interrupted = True
+            trainer.should_stop = True
+        if due or last or stop:
+            self.snapshot(trainer, pl_module, finished=last and not stop)
+
+    def snapshot(self, trainer: pl.Trainer, pl_module: EDMTraining, finished: bool) -> None:
+        trainer.save_checkpoint(self.last_path, weights_only=False)  # full state (optimiser, loops, data)
+        if not trainer.is_global_zero:
+            return
+        images = pl_module.images_seen
+        save_network(self.run_dir / "network.pt", pl_module.net_kwargs, pl_module.ema,
+                     {"kimg": images / 1000, **self.extra})
+        path = self.run_dir / "samples" / f"grid-{kimg_label(images)}.png"
+        if self.grid_rows > 0:
+            grid = sample_grid(pl_module.ema, pl_module.net.label_dim, self.grid_rows, self.grid_seed, self.grid_steps)
+            save_png(path, grid)
+            log_image(trainer, path, images)
+        atomic_write_json(self.run_dir / "summary.json", {"finished": finished, "kimg": images / 1000,
+                                                          "steps": int(trainer.global_step)})
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def log_image(trainer: pl.Trainer, path: Path, images: int) -> None:
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            logger.experiment.log({"samples": wandb.Image(str(path), caption=f"{images / 1000:g} kimg"),
+                                   "trainer/global_step": trainer.global_step})
+
+
+# ---------------------------------------------------------------------------------------------------- the job
+
+
+def validate(cfg: DictConfig) -> dict[str, Any]:
+    """Range checks that must fail before any data is read; returns the run's description (run.json)."""
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    try:
+        info = get_info(cfg.dataset.name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    e = cfg.edm
+    need(e.network in UNET_PRESETS, f"edm.network={e.network!r}: choose a SongUNet preset of {sorted(UNET_PRESETS)}")
+    size, channels = info.image_shape[0], info.image_shape[2]
+    resolution = size if cfg.resolution is None else cfg.resolution
+    need(isinstance(resolution, int) and 1 <= resolution <= size,
+         f"resolution={cfg.resolution!r}: images are center-cropped to resolution×resolution, so it must be an "
+         f"integer in [1, {size}] for dataset {info.name} ({size}×{size}), or null for the full size")
+    levels = len(UNET_PRESETS[e.network]["channel_mult"])
+    try:
+        resolution_pyramid(resolution, levels)
+    except ValueError as err:
+        raise ConfigError(f"resolution {resolution} ({'dataset ' + info.name if cfg.resolution is None else 'resolution='}"
+                          f"): the {e.network} network cannot take it — {err}") from None
+    label_dim = info.num_classes if cfg.label_dim is None else cfg.label_dim
+    need(label_dim in (0, info.num_classes),
+         f"label_dim={cfg.label_dim!r} but dataset {info.name} has {info.num_classes} classes: use label_dim=null "
+         f"(class-conditional on all {info.num_classes}) or label_dim=0 (unconditional)")
+    need(isinstance(e.batch_size, int) and e.batch_size >= 1, f"edm.batch_size={e.batch_size!r} must be an integer >= 1")
+    devices = cfg.trainer.devices
+    world = (devices if isinstance(devices, int) and devices > 0 else 1) * int(cfg.trainer.num_nodes)
+    need(e.batch_size % world == 0, f"edm.batch_size={e.batch_size} must be divisible by the {world} processes")
+    for key in ("lr", "duration_kimg", "snapshot_kimg"):
+        need(float(e[key]) > 0, f"edm.{key}={e[key]} must be > 0")
+    for key in ("lr_rampup_kimg", "ema_halflife_kimg"):
+        need(float(e[key]) >= 0, f"edm.{key}={e[key]} must be >= 0")
+    need(e.ema_rampup is None or float(e.ema_rampup) > 0, f"edm.ema_rampup={e.ema_rampup} must be > 0 or null")
+    need(0 <= float(e.augment_p) <= 1, f"edm.augment_p={e.augment_p} must be in [0, 1]")
+    need(0 <= float(e.dropout) < 1, f"edm.dropout={e.dropout} must be in [0, 1)")
+    kwargs = network_kwargs(e.network, resolution, channels, label_dim, dropout=float(e.dropout),
+                            augment=float(e.augment_p) > 0)
+    return {
+        "dataset": info.name, "resolution": resolution, "label_dim": label_dim, "network": e.network,
+        "kwargs": kwargs, "batch_size": e.batch_size, "lr": float(e.lr), "lr_rampup_kimg": float(e.lr_rampup_kimg),
+        "duration_kimg": float(e.duration_kimg), "ema_halflife_kimg": float(e.ema_halflife_kimg),
+        "ema_rampup": None if e.ema_rampup is None else float(e.ema_rampup), "augment_p": float(e.augment_p),
+        "seed": cfg.seed, "limit_train": cfg.limit_train, "snapshot_kimg": float(e.snapshot_kimg),
+        "max_steps": math.ceil(float(e.duration_kimg) * 1000 / e.batch_size),
+    }
+
+
+def check_resume(run_dir: Path, desc: dict[str, Any]) -> None:
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    diffs = [f"{k}: run has {json.dumps(old.get(k))}, you asked for {json.dumps(desc.get(k))}" for k in IDENTITY_FIELDS
+             if json.dumps(old.get(k), sort_keys=True) != json.dumps(desc.get(k), sort_keys=True)]
+    if diffs:
+        raise ConfigError(f"{path}: this run directory holds a different EDM run, refusing to resume or overwrite it:"
+                          "\n  " + "\n  ".join(diffs) + "\nChoose another name=... (or run_root=...) for the new run.")
+
+
+def train_edm(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Train (or resume, or skip if finished) the EDM run in ``run_dir``; returns summary.json's content."""
+    run_dir = Path(run_dir)
+    desc = validate(cfg)
+    desc["name"] = run_dir.name
+    check_resume(run_dir, desc)
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file() and json.loads(summary_path.read_text()).get("finished"):
+        summary = json.loads(summary_path.read_text())
+        print(f"robustdiff-edm: {run_dir} is already finished ({summary.get('kimg')} kimg); nothing to do.")
+        return summary
+
+    e = cfg.edm
+    dm = RobustDataModule(desc["dataset"], e.batch_size, data_dir=cfg.data_dir, download=cfg.download,
+                          seed=cfg.seed, limit_train=cfg.limit_train, val_size=0)
+    dm.setup("fit")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights
+    module = EDMTraining(desc["kwargs"], batch_size=e.batch_size, lr=desc["lr"], lr_rampup_kimg=desc["lr_rampup_kimg"],
+                         ema_halflife_kimg=desc["ema_halflife_kimg"], ema_rampup=desc["ema_rampup"],
+                         augment_p=desc["augment_p"], seed=cfg.seed, crop=desc["resolution"])
+    snapshot = EDMSnapshot(run_dir, desc["snapshot_kimg"], grid_rows=cfg.grid.rows, grid_steps=cfg.grid.steps,
+                           grid_seed=cfg.grid.seed, interrupt_after_steps=cfg.get("interrupt_after_steps"),
+                           extra={"dataset": desc["dataset"]})
+    trainer = pl.Trainer(
+        default_root_dir=str(run_dir), max_steps=desc["max_steps"], max_epochs=-1,
+        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
+        num_nodes=cfg.trainer.num_nodes, precision=cfg.precision, logger=build_logger(cfg, run_dir, run_dir.name),
+        callbacks=[snapshot], enable_checkpointing=True, num_sanity_val_steps=0, limit_val_batches=0,
+        use_distributed_sampler=False, plugins=[AtomicCheckpointIO()], log_every_n_steps=cfg.trainer.log_every_n_steps,
+        enable_progress_bar=cfg.trainer.enable_progress_bar, enable_model_summary=False,
+    )
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "run.json", desc)
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    resume = snapshot.last_path if snapshot.last_path.is_file() else None
+    if resume is not None and trainer.is_global_zero:
+        print(f"robustdiff-edm: resuming {run_dir} from {resume}")
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"finished": False}
+    if module.interrupted:
+        summary["interrupted"] = True
+        if trainer.is_global_zero:
+            print(f"robustdiff-edm: stopped by a signal; state saved in {snapshot.last_path} — run the same "
+                  f"command again to resume.")
+    elif trainer.is_global_zero:
+        print(f"robustdiff-edm: {run_dir}: {summary.get('kimg')} kimg; EMA network in {run_dir / 'network.pt'}")
+    return summary
+
+
+__all__ = ["EDMSnapshot", "EDMTraining", "NetworkFileError", "load_network", "network_kwargs", "sample_grid",
+           "save_network", "train_edm"]

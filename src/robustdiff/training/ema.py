@@ -1,0 +1,52 @@
+"""Weight averaging exactly as the reference trains it (SPEC §5), as one fused multi-tensor update."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def ema_decay(step: int, warmup_steps: float, tau: float = 0.995) -> float:
+    """Decay used by the update after optimiser step `step` (0-based count of earlier updates).
+
+    Before the warm-up the average equals the live weights (decay 0); then
+    min(τ, (1 + Δ) / (10 + Δ)) with Δ = step − W.
+    """
+    if step < warmup_steps:
+        return 0.0
+    delta = step - warmup_steps
+    return min(tau, (1.0 + delta) / (10.0 + delta))
+
+
+class EMA(nn.Module):
+    """Holds the averaged model. Only parameters are averaged; BN statistics are copied at epoch end."""
+
+    def __init__(self, model: nn.Module, tau: float = 0.995, warmup_steps: float = 0.0):
+        super().__init__()
+        self.module = copy.deepcopy(model)
+        self.module.requires_grad_(False)
+        self.tau = tau
+        self.warmup_steps = warmup_steps
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> float:
+        decay = ema_decay(int(self.num_updates), self.warmup_steps, self.tau)
+        ema_params = list(self.module.parameters())
+        live_params = [p.detach() for p in model.parameters()]
+        if decay == 0.0:
+            torch._foreach_copy_(ema_params, live_params)
+        else:
+            # ema = decay·ema + (1 − decay)·live
+            torch._foreach_lerp_(ema_params, live_params, 1.0 - decay)
+        self.num_updates += 1
+        return decay
+
+    @torch.no_grad()
+    def copy_buffers(self, model: nn.Module) -> None:
+        """The averaged model takes the live model's BatchNorm running statistics."""
+        for (name, dst), (name2, src) in zip(self.module.named_buffers(), model.named_buffers()):
+            assert name == name2, (name, name2)
+            dst.copy_(src)

@@ -1,0 +1,215 @@
+"""Build and run one adversarial-training job from a composed config (thin glue, no math)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from ..adversarial.trades import AttackConfig
+from ..data.datamodule import RobustDataModule
+from ..data.datasets import get_info
+from ..models.wrn import WideResNet
+from ..utils.io import atomic_write_json, atomic_write_text
+from .adversarial import AdversarialTraining
+from .callbacks import AtomicCheckpointIO, RunCheckpoint, fmt_acc
+
+# Fields that define what a run *is*: resuming with any of them changed is refused.
+IDENTITY_FIELDS = ("dataset", "model", "num_classes", "in_channels", "norm", "loss", "epochs", "batch_size",
+                   "generated", "ratio", "generated_sampling", "seed", "limit_train", "val_size")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_number(value: Any, field: str) -> float:
+    """Accept 0.0314, "0.0314" or "8/255"."""
+    try:
+        return float(Fraction(str(value).replace(" ", ""))) if isinstance(value, str) else float(value)
+    except (ValueError, ZeroDivisionError) as e:
+        raise ConfigError(f"{field}={value!r} is not a number (write e.g. 0.0314 or 8/255)") from e
+
+
+def run_name(name: str | None, override_dirname: str = "") -> str:
+    """Deterministic run-directory name: the given name, else the overrides, else 'default'."""
+    raw = name if name not in (None, "", "None", "null") else (override_dirname or "default")
+    safe = re.sub(r"[^A-Za-z0-9=,.+_@-]+", "_", str(raw)).strip("._") or "default"
+    if len(safe) > 120:
+        safe = f"{safe[:100]}-{hashlib.sha1(safe.encode()).hexdigest()[:10]}"
+    return safe
+
+
+OmegaConf.register_new_resolver("rd_run_name", lambda name, overrides="": run_name(name, overrides), replace=True)
+
+
+def attack_config(norm: DictConfig) -> AttackConfig:
+    steps = norm.steps
+    if not isinstance(steps, int) or isinstance(steps, bool):
+        raise ConfigError(f"norm.steps={steps!r} must be an integer >= 1")
+    try:
+        return AttackConfig(norm=str(norm.name), eps=parse_number(norm.eps, "norm.eps"),
+                            step=parse_number(norm.step, "norm.step"), steps=steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def validate(cfg: DictConfig) -> AttackConfig:
+    """Every range check that must fail before any data is read or any step is taken."""
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    get_info(cfg.dataset.name)
+    need(isinstance(cfg.epochs, int) and cfg.epochs >= 1, f"epochs={cfg.epochs!r} must be an integer >= 1")
+    need(isinstance(cfg.batch_size, int) and cfg.batch_size >= 2, f"batch_size={cfg.batch_size!r} must be an integer >= 2")
+    need(float(cfg.lr) > 0, f"lr={cfg.lr} must be > 0")
+    need(float(cfg.beta) >= 0, f"beta={cfg.beta} must be >= 0")
+    need(0 <= float(cfg.label_smoothing) < 1, f"label_smoothing={cfg.label_smoothing} must be in [0, 1)")
+    need(0 < float(cfg.ema_decay) < 1, f"ema_decay={cfg.ema_decay} must be in (0, 1)")
+    need(0 <= float(cfg.ema_warmup) <= 1, f"ema_warmup={cfg.ema_warmup} must be in [0, 1]")
+    need(0 <= float(cfg.ratio) <= 1, f"ratio={cfg.ratio} is the real fraction of each batch and must be in [0, 1]")
+    need(float(cfg.weight_decay) >= 0, f"weight_decay={cfg.weight_decay} must be >= 0")
+    need(isinstance(cfg.val_size, int) and cfg.val_size >= 1, f"val_size={cfg.val_size!r} must be an integer >= 1")
+    need(cfg.limit_train is None or (isinstance(cfg.limit_train, int) and cfg.limit_train > cfg.val_size + 1),
+         f"limit_train={cfg.limit_train!r} must leave training images after the {cfg.val_size} validation images")
+    need(isinstance(cfg.eval.steps, int) and cfg.eval.steps >= 1, f"eval.steps={cfg.eval.steps!r} must be >= 1")
+    need(isinstance(cfg.eval.test_every, int) and cfg.eval.test_every >= 1,
+         f"eval.test_every={cfg.eval.test_every!r} must be >= 1")
+    devices = cfg.trainer.devices
+    world = (devices if isinstance(devices, int) and devices > 0 else 1) * int(cfg.trainer.num_nodes)
+    need(cfg.batch_size % world == 0, f"batch_size={cfg.batch_size} must be divisible by the {world} DDP processes")
+    return attack_config(cfg.norm)
+
+
+def describe(cfg: DictConfig, attack: AttackConfig, n_generated: int) -> dict[str, Any]:
+    info = get_info(cfg.dataset.name)
+    return {
+        "name": None, "dataset": info.name, "data_dir": cfg.data_dir,
+        "model": {"name": cfg.model.get("name"), "depth": int(cfg.model.depth), "width": int(cfg.model.width)},
+        "num_classes": info.num_classes, "in_channels": info.image_shape[2],
+        "norm": {"name": attack.norm, "eps": attack.eps, "step": attack.step, "steps": attack.steps},
+        "loss": cfg.loss, "generated": cfg.generated, "n_generated": n_generated,
+        "ratio": float(cfg.ratio) if cfg.generated else 1.0, "generated_sampling": cfg.generated_sampling,
+        "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": float(cfg.lr), "beta": float(cfg.beta),
+        "seed": cfg.seed, "limit_train": cfg.limit_train, "val_size": cfg.val_size,
+    }
+
+
+def check_resume(run_dir: Path, desc: dict[str, Any]) -> None:
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    diffs = [f"{k}: run has {old.get(k)!r}, you asked for {desc.get(k)!r}" for k in IDENTITY_FIELDS
+             if json.dumps(old.get(k), sort_keys=True) != json.dumps(desc.get(k), sort_keys=True)]
+    if diffs:
+        raise ConfigError(f"{path}: this run directory holds a different run, refusing to resume or overwrite it:\n  "
+                          + "\n  ".join(diffs) + "\nChoose another name=... (or run_root=...) for the new run.")
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, name: str):
+    kind = cfg.logger.name
+    if kind == "none":
+        return False
+    if kind == "csv":
+        return pl.loggers.CSVLogger(save_dir=str(run_dir), name="", version="")
+    if kind == "wandb":
+        mode = cfg.logger.get("mode", "auto")
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") or _wandb_logged_in() else "offline"
+        return pl.loggers.WandbLogger(
+            project=cfg.logger.project, entity=cfg.logger.get("entity"), group=cfg.logger.get("group"),
+            tags=list(cfg.logger.get("tags") or []), name=name, save_dir=str(run_dir), mode=mode,
+            id=hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16], resume="allow",
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+    raise ConfigError(f"logger.name={kind!r}: choose csv, wandb or none")
+
+
+def _wandb_logged_in() -> bool:
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Train (or resume, or skip if finished) the run in ``run_dir``; returns summary.json's content."""
+    run_dir = Path(run_dir)
+    attack = validate(cfg)
+    info = get_info(cfg.dataset.name)
+    dm = RobustDataModule(
+        info.name, cfg.batch_size, data_dir=cfg.data_dir, download=cfg.download, generated=cfg.generated,
+        ratio=float(cfg.ratio), generated_sampling=cfg.generated_sampling, seed=cfg.seed,
+        limit_train=cfg.limit_train, limit_test=cfg.limit_test, val_size=cfg.val_size,
+    )
+    store = dm.open_store()  # shape/class checks before anything long
+    desc = describe(cfg, attack, len(store) if store is not None else 0)
+    desc["name"] = run_dir.name
+    check_resume(run_dir, desc)
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file() and json.loads(summary_path.read_text()).get("finished"):
+        summary = json.loads(summary_path.read_text())
+        print(f"robustdiff: {run_dir} is already finished (best epoch {summary.get('best_epoch')}); nothing to do.")
+        return summary
+
+    dm.setup("fit")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = WideResNet(depth=int(cfg.model.depth), width=int(cfg.model.width), num_classes=info.num_classes,
+                       in_channels=info.image_shape[2], mean=info.mean, std=info.std)
+    module = AdversarialTraining(
+        model, attack, epochs=cfg.epochs, iterations_per_epoch=dm.iterations_per_epoch, loss=cfg.loss,
+        beta=float(cfg.beta), label_smoothing=float(cfg.label_smoothing), lr=float(cfg.lr),
+        momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov), weight_decay=float(cfg.weight_decay),
+        schedule=cfg.schedule, cycle_momentum=bool(cfg.cycle_momentum), ema_decay=float(cfg.ema_decay),
+        ema_warmup=float(cfg.ema_warmup), augmentation=info.augmentation, crop_padding=info.crop_padding,
+        seed=cfg.seed, eval_batch_size=cfg.eval.batch_size, eval_steps=cfg.eval.steps,
+        val_loss=cfg.eval.val_loss, test_loss=cfg.eval.test_loss, test_every=cfg.eval.test_every,
+        channels_last=bool(cfg.channels_last),
+    )
+    module.set_eval_data(dm.val, dm.test)
+    checkpoint = RunCheckpoint(run_dir, interrupt_after_steps=cfg.get("interrupt_after_steps"))
+    trainer = pl.Trainer(
+        default_root_dir=str(run_dir), max_epochs=cfg.epochs, accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices, strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes,
+        precision=cfg.precision, logger=build_logger(cfg, run_dir, run_dir.name), callbacks=[checkpoint],
+        enable_checkpointing=True, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
+        plugins=[AtomicCheckpointIO()], log_every_n_steps=cfg.trainer.log_every_n_steps,
+        enable_progress_bar=cfg.trainer.enable_progress_bar, enable_model_summary=False,
+    )
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "run.json", desc)
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    resume = checkpoint.last_path if checkpoint.last_path.is_file() else None
+    if resume is not None and trainer.is_global_zero:
+        print(f"robustdiff: resuming {run_dir} from {resume}")
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"finished": False}
+    if module.interrupted:
+        summary["interrupted"] = True
+    if trainer.is_global_zero:
+        print_summary(run_dir, summary)
+    return summary
+
+
+def print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    if summary.get("interrupted"):
+        print(f"robustdiff: stopped by a signal; state saved in {run_dir}/checkpoints/last.ckpt — "
+              "run the same command again to resume.")
+        return
+    if "best_epoch" not in summary:
+        return
+    print(f"robustdiff: {run_dir}\n"
+          f"  best epoch {summary['best_epoch']}: val PGD-40 {fmt_acc(summary['best_val_pgd_acc'])}, "
+          f"test clean {fmt_acc(summary['test_clean_acc_best'])}\n"
+          f"  last epoch {summary['last_epoch']}: test clean {fmt_acc(summary['test_clean_acc_last'])}, "
+          f"test PGD-40 {fmt_acc(summary.get('test_pgd_acc_last'))}")
+
+

@@ -1,0 +1,32 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+EXPERIMENTS_DIR = ROOT / "experiments"
+
+# Two cores: keep torch from oversubscribing them when pytest and DDP workers run side by side.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def compose_train(*overrides: str):
+    """The config `robustdiff-train <overrides>` would run with (Hydra's compose API)."""
+    from hydra import compose, initialize_config_dir
+
+    import robustdiff.training.run  # noqa: F401  (registers the rd_run_name resolver)
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[f"hydra.searchpath=[file://{EXPERIMENTS_DIR}]", *overrides])
+
+
+# A TRADES run small enough for this CPU: 256 real Fashion-MNIST training images, 64 for validation.
+TINY = ("model=wrn-10-1", "batch_size=32", "limit_train=320", "val_size=64", "limit_test=128", "norm.steps=2",
+        "eval.steps=3", "eval.batch_size=128", "logger=none", "trainer.enable_progress_bar=false")
+
+
+@pytest.fixture
+def tiny_overrides():
+    return list(TINY)

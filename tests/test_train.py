@@ -1,0 +1,126 @@
+"""End-to-end TRADES runs on real Fashion-MNIST, resume exactness, configs and bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+
+from conftest import EXPERIMENTS_DIR, compose_train
+from robustdiff.training.run import ConfigError, run_name, train
+
+
+def load_weights(run_dir: Path) -> dict:
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    return ckpt["state_dict"]
+
+
+def test_two_epochs_equal_interrupted_and_resumed(tmp_path, tiny_overrides):
+    """2 epochs straight == killed mid-epoch 1, resumed, killed at the end of epoch 1, resumed."""
+    straight = tmp_path / "straight"
+    cfg = compose_train(*tiny_overrides, "epochs=2")
+    s1 = train(cfg, straight)
+    assert s1["finished"] and s1["last_epoch"] == 2
+
+    resumed = tmp_path / "resumed"
+    out = train(compose_train(*tiny_overrides, "epochs=2", "interrupt_after_steps=4"), resumed)
+    assert out.get("interrupted") and not (resumed / "history.json").exists()
+    ckpt = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+    out = train(compose_train(*tiny_overrides, "epochs=2", "interrupt_after_steps=12"), resumed)
+    assert out.get("interrupted")
+    assert len(json.loads((resumed / "history.json").read_text())) == 1  # epoch 1 finished and evaluated
+    s2 = train(cfg, resumed)
+    assert s2["finished"]
+
+    a, b = load_weights(straight), load_weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    ha = json.loads((straight / "history.json").read_text())
+    hb = json.loads((resumed / "history.json").read_text())
+    assert ha == hb
+    assert torch.equal(torch.load(straight / "model.pt", weights_only=True)["logits.weight"],
+                       torch.load(resumed / "model.pt", weights_only=True)["logits.weight"])
+
+
+def test_finished_run_is_not_retrained_and_other_model_refused(tmp_path, tiny_overrides):
+    run = tmp_path / "r"
+    train(compose_train(*tiny_overrides, "epochs=1"), run)
+    stamp = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    again = train(compose_train(*tiny_overrides, "epochs=1"), run)
+    assert again["finished"] and (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="model"):
+        train(compose_train(*tiny_overrides, "epochs=1", "model=wrn-10-2"), run)
+    assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp  # untouched
+
+
+def test_short_run_on_fashion_mnist_learns(tmp_path):
+    """Clean and PGD accuracy of the trained EMA model beat the untrained model's."""
+    overrides = ["model=wrn-10-1", "batch_size=64", "limit_train=1600", "val_size=256", "limit_test=256",
+                 "norm.steps=3", "eval.steps=5", "logger=csv", "trainer.enable_progress_bar=false", "epochs=4",
+                 "lr=0.1", "ema_warmup=0.5"]
+    run = tmp_path / "learn"
+    summary = train(compose_train(*overrides), run)
+    history = json.loads((run / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    # chance level is 10%; an untrained WRN sits there
+    assert summary["test_clean_acc_last"] > 0.45, history
+    assert summary["best_val_pgd_acc"] > 0.25, history
+    assert summary["test_pgd_acc_last"] is not None  # PGD on the test set at the last epoch
+    assert (run / "metrics.csv").is_file() and (run / "model.pt").is_file()
+    state = torch.load(run / "model.pt", weights_only=True)
+    assert "init_conv.weight" in state and not any(k.startswith("module.") for k in state)
+
+
+def test_every_config_group_composes():
+    from robustdiff.data.datasets import get_info
+    from robustdiff.models.wrn import WideResNet
+    from robustdiff.training.run import attack_config, build_logger, validate
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for group in ("dataset", "norm", "model", "trainer", "logger"):
+        for option in sorted(p.stem for p in (conf / group).glob("*.yaml")):
+            cfg = compose_train(f"{group}={option}")
+            assert cfg[group] is not None
+            validate(cfg)
+            info = get_info(cfg.dataset.name)
+            if group == "model" and option in ("wrn-10-1", "wrn-10-2", "wrn-16-4"):
+                WideResNet(depth=cfg.model.depth, width=cfg.model.width, num_classes=info.num_classes)
+            attack_config(cfg.norm)
+            if group == "logger" and option != "wandb":
+                build_logger(cfg, Path("/tmp/unused"), "x")
+    for recipe in sorted((EXPERIMENTS_DIR / "experiment").glob("*.yaml")):
+        cfg = compose_train(f"experiment={recipe.stem}")
+        validate(cfg)
+
+
+def test_unknown_choice_lists_options():
+    with pytest.raises(ConfigCompositionException, match="fashionmnist"):
+        compose_train("dataset=mnist")
+
+
+@pytest.mark.parametrize("override,match", [
+    ("norm.eps=8", "8/255"), ("batch_size=0", "batch_size"), ("epochs=0", "epochs"),
+    ("label_smoothing=1.5", "label_smoothing"), ("beta=-1", "beta"), ("norm.steps=0", "steps"),
+    ("norm.eps=abc", "not a number"), ("ratio=1.5", "ratio"), ("trainer=ddp", "divisible"),
+])
+def test_bad_values_fail_before_training(tmp_path, override, match):
+    extra = ["batch_size=33"] if override == "trainer=ddp" else []
+    with pytest.raises(ConfigError, match=match):
+        train(compose_train("logger=none", *extra, override), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_missing_dataset_files_say_where_they_looked(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        train(compose_train("dataset=cifar10", f"data_dir={tmp_path}", "logger=none", "epochs=1"), tmp_path / "r")
+
+
+def test_run_names_are_deterministic():
+    assert run_name(None, "dataset=cifar10,epochs=400") == "dataset=cifar10,epochs=400"
+    assert run_name(None, "") == "default"
+    assert run_name("my run/1") == "my_run_1"
+    long = run_name(None, "x=" + "a" * 300)
+    assert len(long) <= 120 and long == run_name(None, "x=" + "a" * 300)
