@@ -22,12 +22,26 @@ from robustdiff.adversarial.trades import AttackConfig, trades_loss
 from robustdiff.cli import evaluate as cli_eval
 from robustdiff.cli import report as cli_report
 from robustdiff.data.datasets import get_info, load_split
-from robustdiff.evaluation.export import (CheckpointError, export_robustbench, infer_architecture, load_wideresnet,
-                                          model_card)
+from robustdiff.evaluation.export import (
+    CheckpointError,
+    export_robustbench,
+    infer_architecture,
+    load_wideresnet,
+    model_card,
+)
 from robustdiff.evaluation.report import find_runs, load_run, write_report
-from robustdiff.evaluation.robustness import (EpsilonError, StateMismatchError, check_eps, clean_accuracy_warning,
-                                              evaluate_autoattack, evaluate_clean, evaluate_pgd, parse_eps,
-                                              paper_result, render_eval_markdown)
+from robustdiff.evaluation.robustness import (
+    EpsilonError,
+    StateMismatchError,
+    check_eps,
+    clean_accuracy_warning,
+    evaluate_autoattack,
+    evaluate_clean,
+    evaluate_pgd,
+    paper_result,
+    parse_eps,
+    render_eval_markdown,
+)
 from robustdiff.models.wrn import build_wrn
 from robustdiff.utils.io import atomic_write_json, atomic_write_text
 
@@ -460,3 +474,21 @@ def test_report_cli_single_run_from_csv_history(sweep, tmp_path):
     assert cli_report.main([str(run_dir)]) == 0
     assert (run_dir / "report.md").is_file() and (run_dir / "figures" / "only-csv.png").is_file()
     assert load_run(run_dir).history == load_run(root / "group" / "fmnist-b").history
+
+
+def test_cli_warns_when_imported_model_is_far_below_its_recorded_accuracy(sweep, tmp_path):
+    root, _ = sweep
+    run_dir = tmp_path / "wrong-weights"
+    run_dir.mkdir()
+    for name in ("run.json", "summary.json"):
+        (run_dir / name).write_bytes((root / "fmnist-a" / name).read_bytes())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["test_clean_acc_best"] = 0.9  # as a well-trained model would record
+    atomic_write_json(run_dir / "summary.json", summary)
+    torch.manual_seed(5)
+    torch.save(build_wrn("wrn-10-1", num_classes=10, in_channels=1).state_dict(), run_dir / "model.pt")
+    cli_eval.main([str(run_dir), "--attacks", "clean", "--n-examples", "64", "--device", "cpu"])
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["sources"]["expected_clean"] == "run.json"
+    assert any("far below the recorded 90.00%" in w and "applied twice" in w for w in ev["warnings"])
+    assert "## Warnings" in (run_dir / "eval.md").read_text()

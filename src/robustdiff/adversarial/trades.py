@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.augment import draw
 from .attacks import _l2_norm, frozen_bn_stats, input_grad_only, pgd_attack, project
 
 
@@ -51,15 +52,19 @@ def smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: flo
 
 
 def trades_adversary(
-    model: nn.Module, x: torch.Tensor, cfg: AttackConfig, generator: torch.Generator | None = None
+    model: nn.Module, x: torch.Tensor, cfg: AttackConfig, generator: torch.Generator | None = None,
+    index: torch.Tensor | None = None, total: int | None = None,
 ) -> torch.Tensor:
-    """Inner maximisation of KL(p_nat ‖ p_adv). Returns detached x_adv in [0, 1]."""
+    """Inner maximisation of KL(p_nat ‖ p_adv). Returns detached x_adv in [0, 1].
+
+    ``index``/``total``: this rank's rows of a global batch, so the random start equals a single process's.
+    """
     x = x.detach()
     with frozen_bn_stats(model), input_grad_only(model):
         with torch.no_grad():
             logits_nat = model(x).detach()
         if cfg.norm == "linf":
-            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = draw("rand", tuple(x.shape), generator, x.device, index, total, dtype=x.dtype)
             x_adv = (x + (2 * noise - 1) * cfg.eps).clamp(0.0, 1.0)
             for _ in range(cfg.steps):
                 x_adv.requires_grad_(True)
@@ -70,7 +75,7 @@ def trades_adversary(
             return x_adv.detach()
         # ℓ2: normalised gradient ascent on δ with step 2ε/K (the reference ignores the configured step).
         lr = 2 * cfg.eps / cfg.steps
-        delta = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        delta = 0.001 * draw("randn", tuple(x.shape), generator, x.device, index, total, dtype=x.dtype)
         for _ in range(cfg.steps):
             delta.requires_grad_(True)
             with torch.enable_grad():
@@ -105,9 +110,11 @@ def trades_loss(
     beta: float = 5.0,
     label_smoothing: float = 0.1,
     generator: torch.Generator | None = None,
+    index: torch.Tensor | None = None,
+    total: int | None = None,
 ) -> StepOutput:
     """CE_ls(f(x), y) + β·KL(softmax f(x) ‖ softmax f(x_adv)); two separate forwards, both differentiated."""
-    x_adv = trades_adversary(model, x, cfg, generator)
+    x_adv = trades_adversary(model, x, cfg, generator, index, total)
     logits_nat = model(x)
     logits_adv = model(x_adv)
     loss_nat = smoothed_cross_entropy(logits_nat, y, label_smoothing)

@@ -19,17 +19,35 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from ..data.datasets import get_info, load_split
-from ..evaluation.export import (CheckpointError, extract_state_dict, export_robustbench, infer_architecture,
-                                 load_wideresnet, model_card, write_model_card)
-from ..evaluation.robustness import (EpsilonError, clean_accuracy_warning, evaluate_autoattack, evaluate_clean,
-                                     evaluate_pgd, format_eps, paper_result, paper_result_dict, parse_eps,
-                                     write_eval_results, STANDARD_ATTACKS)
+from ..evaluation.export import (
+    CheckpointError,
+    export_robustbench,
+    extract_state_dict,
+    infer_architecture,
+    load_wideresnet,
+    model_card,
+    write_model_card,
+)
+from ..evaluation.robustness import (
+    STANDARD_ATTACKS,
+    EpsilonError,
+    clean_accuracy_warning,
+    evaluate_autoattack,
+    evaluate_clean,
+    evaluate_pgd,
+    format_eps,
+    paper_result,
+    paper_result_dict,
+    parse_eps,
+    write_eval_results,
+)
 
 log = logging.getLogger("robustdiff.eval")
 
@@ -43,7 +61,7 @@ def parse_count(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"cannot read a count from {text!r} (write e.g. 1000, 500K or 20M)")
     scale = {"": 1, "k": 1000, "m": 1_000_000}[m.group(2).lower()]
-    return int(round(float(m.group(1)) * scale))
+    return round(float(m.group(1)) * scale)
 
 
 def _csv(choices: Sequence[str]):
@@ -86,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "<checkpoint stem>_eval beside a checkpoint file)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--expected-clean", type=float, default=None,
-                   help="recorded clean accuracy (fraction) to check an imported model against")
+                   help="recorded clean accuracy (fraction or %%) to check an imported model against "
+                        "(default: the run's summary.json, else the paper's number for the setting)")
     p.add_argument("--no-resume", action="store_true", help="don't keep or use AutoAttack resume state")
     return p
 
@@ -201,6 +220,11 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     s["model"] = arch
     if s["run_model"] and s["run_model"] != arch:
         log.warning("run.json names model %s but %s holds a %s", s["run_model"], s["model_path"], arch)
+    paper = paper_result(s["dataset"], s["norm"], arch, s["n_generated"], epochs=s.get("epochs"), eps=s["eps"])
+    if s["expected_clean"] is None and paper is not None and paper.clean is not None:
+        s["expected_clean"], sources["expected_clean"] = paper.clean / 100, "paper"
+    elif s["expected_clean"] is not None and s["expected_clean"] > 1:
+        s["expected_clean"] /= 100  # given in percent
     x, y = _test_tensors(s["dataset"], s["data_dir"], s["n_examples"], device)
     out = args.out if args.out is not None else (
         args.target if args.target.is_dir() else args.target.with_name(args.target.stem + "_eval"))
@@ -240,8 +264,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     if len(y) < get_info(s["dataset"]).n_test:
         results["warnings"].append(f"evaluated on the first {len(y)} of {get_info(s['dataset']).n_test} test "
                                    "images; the paper's numbers are on the full test set")
-    results["paper"] = paper_result_dict(paper_result(s["dataset"], s["norm"], arch, s["n_generated"],
-                                                      epochs=s.get("epochs"), eps=s["eps"]))
+    results["paper"] = paper_result_dict(paper)
     json_path, md_path = write_eval_results(out, results)
     log.info("wrote %s and %s", json_path, md_path)
     return results

@@ -14,17 +14,37 @@ import torch.nn.functional as F
 KINDS = ("none", "crop_flip", "crop_flip_rotate")
 
 
+def draw(kind: str, shape: tuple[int, ...], generator: torch.Generator | None, device, index: torch.Tensor | None = None,
+         total: int | None = None, high: int = 2, dtype=torch.float32) -> torch.Tensor:
+    """Random numbers for the rows of a batch (uniform "rand", normal "randn", or "randint" in [0, high)).
+
+    With ``index`` (this process's positions in a global batch of ``total`` rows) the numbers are
+    drawn for the whole global batch and the rows at ``index`` are returned, so every DDP rank sees
+    exactly the randomness a single process would give those images.
+    """
+    rows = shape[0] if index is None else total
+    full = (rows, *shape[1:])
+    if kind == "rand":
+        out = torch.rand(full, generator=generator, device=device, dtype=dtype)
+    elif kind == "randn":
+        out = torch.randn(full, generator=generator, device=device, dtype=dtype)
+    else:
+        out = torch.randint(0, high, full, generator=generator, device=device)
+    return out if index is None else out[index]
+
+
 def to_float_nchw(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [0, 1], stored channels_last (no copy of layout)."""
     return images.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None,
+                index: torch.Tensor | None = None, total: int | None = None) -> torch.Tensor:
     """Zero-pad by `padding` and crop back to the original size at a random offset per image."""
     b, _, h, w = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))
-    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
-    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
+    oy = draw("randint", (b,), generator, x.device, index, total, high=2 * padding + 1)
+    ox = draw("randint", (b,), generator, x.device, index, total, high=2 * padding + 1)
     rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
     cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
     batch = torch.arange(b, device=x.device)[:, None, None, None]
@@ -32,14 +52,16 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None
     return padded[batch, chan, rows, cols]
 
 
-def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None,
+                 index: torch.Tensor | None = None, total: int | None = None) -> torch.Tensor:
+    flip = draw("rand", (x.shape[0],), generator, x.device, index, total) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def random_rotate(x: torch.Tensor, degrees: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_rotate(x: torch.Tensor, degrees: float, generator: torch.Generator | None = None,
+                  index: torch.Tensor | None = None, total: int | None = None) -> torch.Tensor:
     """Rotate each image by U(−degrees, degrees) about its centre, nearest neighbour, zero fill."""
-    angle = (torch.rand(x.shape[0], generator=generator, device=x.device) * 2 - 1) * math.radians(degrees)
+    angle = (draw("rand", (x.shape[0],), generator, x.device, index, total) * 2 - 1) * math.radians(degrees)
     cos, sin = torch.cos(angle), torch.sin(angle)
     zero = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
@@ -48,13 +70,16 @@ def random_rotate(x: torch.Tensor, degrees: float, generator: torch.Generator | 
 
 
 def augment_batch(x: torch.Tensor, kind: str, padding: int = 4, generator: torch.Generator | None = None,
-                  rotation: float = 15.0) -> torch.Tensor:
-    """Apply a dataset's training augmentation to a float batch (B, C, H, W) in [0, 1]."""
+                  rotation: float = 15.0, index: torch.Tensor | None = None, total: int | None = None) -> torch.Tensor:
+    """Apply a dataset's training augmentation to a float batch (B, C, H, W) in [0, 1].
+
+    ``index``/``total``: this rank's positions in the global batch (see ``draw``).
+    """
     if kind == "none":
         return x
     if kind not in KINDS:
         raise ValueError(f"unknown augmentation {kind!r}; choose one of {KINDS}")
-    x = random_hflip(random_crop(x, padding, generator), generator)
+    x = random_hflip(random_crop(x, padding, generator, index, total), generator, index, total)
     if kind == "crop_flip_rotate":
-        x = random_rotate(x, rotation, generator)
+        x = random_rotate(x, rotation, generator, index, total)
     return x

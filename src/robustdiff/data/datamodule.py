@@ -33,6 +33,13 @@ class MixedBatchLoader:
         self.rank, self.world_size = rank, world_size
         self.epoch_fn, self.consumed_fn = epoch_fn, consumed_fn
         self._resume: tuple[int, int] | None = None
+        # This rank's rows of the global batch [real part | generated part] (rank_batch takes contiguous slices).
+        counts = [plan.rank_counts(q, world_size) for q in range(world_size)]
+        real_start = sum(c[0] for c in counts[:rank])
+        gen_start = plan.n_real_per_batch + sum(c[1] for c in counts[:rank])
+        n_real, n_gen = counts[rank]
+        self.position = torch.cat([torch.arange(real_start, real_start + n_real),
+                                   torch.arange(gen_start, gen_start + n_gen)])
 
     def __len__(self) -> int:
         return self.plan.iterations_per_epoch
@@ -45,7 +52,8 @@ class MixedBatchLoader:
             gx, gy = self.store.get(gen_idx)
             images = torch.cat([images, torch.from_numpy(gx)])
             labels = torch.cat([labels, torch.from_numpy(gy)])
-        return {"image": images, "label": labels, "epoch": epoch, "step": step}
+        return {"image": images, "label": labels, "epoch": epoch, "step": step, "position": self.position,
+                "global_size": self.plan.batch_size}
 
     def __iter__(self) -> Iterator[dict]:
         epoch = self.epoch_fn()

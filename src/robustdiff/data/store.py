@@ -428,6 +428,15 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True))
 
 
+def _differences(key: str, a: Any, b: Any) -> Iterator[tuple[str, Any, Any]]:
+    """(dotted key, a's value, b's value) for every leaf where two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            yield from _differences(f"{key}.{k}", a.get(k), b.get(k))
+    elif a != b:
+        yield key, a, b
+
+
 def open_block_store(
     path: str | os.PathLike,
     count: int,
@@ -470,10 +479,9 @@ def open_block_store(
                 f"write to a new directory"
             )
         diffs = [
-            f"{key}: store has {json.dumps(old.get(key), sort_keys=True)}, this run has "
-            f"{json.dumps(wanted[key], sort_keys=True)}"
-            for key in ("image_shape", "num_classes", "shard_size", "blocks", "provenance")
-            if _jsonable(old.get(key)) != wanted[key]
+            f"{key}: store has {json.dumps(a, sort_keys=True)}, this run has {json.dumps(b, sort_keys=True)}"
+            for name in ("image_shape", "num_classes", "shard_size", "blocks", "provenance")
+            for key, a, b in _differences(name, _jsonable(old.get(name)), wanted[name])
         ]
         if diffs:
             raise StoreError(

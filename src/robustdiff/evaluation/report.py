@@ -15,9 +15,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..utils.io import atomic_path, atomic_write_text
 from .robustness import format_count, format_eps, paper_result
@@ -264,11 +265,11 @@ def _fmt(key: str, v: Any) -> str:
 
 
 def render_markdown(rows: Sequence[dict[str, Any]], figures: dict[str, str], title: str) -> str:
-    lines = [f"# {title}", "",
-             f"{len(rows)} run(s). Accuracies in %. *best* = the checkpoint with the best validation PGD-40 "
+    intro = (f"{len(rows)} run(s). Accuracies in %. *best* = the checkpoint with the best validation PGD-40 "
              "(model.pt), *last* = the final epoch; eval and AutoAttack columns come from eval.json (best "
              "checkpoint; see *eval points* for how many test images). Paper columns: Wang et al. (ICML 2023) "
-             "for the same dataset, norm, model and amount of generated data, when published.", ""]
+             "for the same dataset, norm, model and amount of generated data, when published.")
+    lines = [f"# {title}", "", intro, ""]
     lines.append("| " + " | ".join(h for _, h in COLUMNS) + " |")
     lines.append("|" + "---|" * len(COLUMNS))
     for r in rows:

@@ -22,12 +22,14 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -205,6 +207,18 @@ def _capture_autoattack_warnings(sink: list[str]) -> Iterator[logging.Logger]:
             sink.append(message)
 
 
+@contextlib.contextmanager
+def _keep_trace() -> Iterator[None]:
+    """pyautoattack's dynamic-defence check ends with sys.settrace(None), which would switch off a running
+    coverage tool or debugger; put the previous trace function back."""
+    previous = sys.gettrace()
+    try:
+        yield
+    finally:
+        if sys.gettrace() is not previous:
+            sys.settrace(previous)
+
+
 def _bits(flags: torch.Tensor) -> str:
     return "".join("1" if v else "0" for v in flags.tolist())
 
@@ -275,10 +289,11 @@ def evaluate_autoattack(
 
     Returns {'clean_acc', 'robust_acc', 'n', 'n_clean', 'n_robust', 'per_attack' (robust accuracy
     after each attack, cumulative), 'norm', 'eps', 'seed', 'batch_size', 'version', 'attacks',
-    'warnings' (pyautoattack's own messages), 'flags' (their names), 'seconds', 'resumed',
-    'robust_points' ('1'/'0' per point, in order)}.
+    'warnings' (pyautoattack's own messages), 'flags' (their names), 'seconds', 'attack_seconds',
+    'resumed', 'state_path', 'robust_points' ('1'/'0' per point, in order)}.
     """
-    from pyautoattack import AutoAttack, __version__ as aa_version
+    from pyautoattack import AutoAttack
+    from pyautoattack import __version__ as aa_version
     from pyautoattack import checks as aa_checks
 
     eps = check_eps(norm, eps)
@@ -305,10 +320,11 @@ def evaluate_autoattack(
     if state is None:
         state = {"format": STATE_FORMAT, "fingerprint": fingerprint, "clean": None, "robust": None,
                  "attack": None, "attack_start": None, "batches_done": 0, "per_attack": {}, "warnings": [],
-                 "seconds": 0.0}
+                 "seconds": 0.0, "attack_seconds": {}}
     else:
         log.info("AutoAttack: resuming from %s (%s)", state_path,
                  f"{state['attack']}, {state['batches_done']} batches done" if state["attack"] else "clean pass done")
+    state.setdefault("attack_seconds", {})
     messages: list[str] = list(state["warnings"])
     started = time.time()
     seconds_before = float(state["seconds"])
@@ -344,13 +360,17 @@ def evaluate_autoattack(
             n_batches = math.ceil(len(todo) / batch_size)
             adversary.attacks_to_run = [attack]
             for b in range(state["batches_done"], n_batches):
+                batch_started = time.time()
                 idx = todo[b * batch_size : (b + 1) * batch_size]
                 ib = idx.to(device)
                 # With every point of the batch still robust, its clean pass inside is a no-op and the attack
                 # sees exactly the batch the full run would give it.
-                _, y_adv = adversary.run_standard_evaluation(x[ib], y[ib], batch_size=batch_size)
+                with _keep_trace():
+                    _, y_adv = adversary.run_standard_evaluation(x[ib], y[ib], batch_size=batch_size)
                 robust[idx] &= (y_adv == y[ib]).cpu()
                 state["robust"], state["batches_done"] = _bits(robust), b + 1
+                seconds = state["attack_seconds"]
+                seconds[attack] = seconds.get(attack, 0.0) + time.time() - batch_started
                 save()
                 log.info("AutoAttack %s: batch %d/%d, robust %.2f%% so far (%.0f s)", attack, b + 1, n_batches,
                          100 * robust.float().mean(), seconds_before + time.time() - started)
@@ -380,7 +400,9 @@ def evaluate_autoattack(
         "warnings": messages,
         "flags": flags,
         "seconds": seconds_before + time.time() - started,
+        "attack_seconds": dict(state["attack_seconds"]),
         "resumed": resumed,
+        "state_path": str(state_path) if state_path is not None else None,
         "robust_points": _bits(robust),
     }
 

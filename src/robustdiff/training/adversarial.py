@@ -118,8 +118,10 @@ class AdversarialTraining(pl.LightningModule):
         if not self.trainer.training:
             return batch
         x = to_float_nchw(batch["image"])
-        g = make_generator(x.device, step_seed(self.seed, 0, batch["epoch"], batch["step"], self.global_rank))
-        batch["x"] = augment_batch(x, self.augmentation, self.crop_padding, g)
+        # One generator per global batch, the same on every rank; each rank takes its own rows.
+        g = make_generator(x.device, step_seed(self.seed, 0, batch["epoch"], batch["step"]))
+        batch["x"] = augment_batch(x, self.augmentation, self.crop_padding, g,
+                                   index=batch["position"], total=batch["global_size"])
         batch["generator"] = g
         return batch
 
@@ -131,7 +133,8 @@ class AdversarialTraining(pl.LightningModule):
             set_bn_momentum(self.model, 1.0)  # running statistics start from the first batch
         if self.loss_name == "trades":
             out = trades_loss(self.model, x, y, self.attack, beta=self.beta,
-                              label_smoothing=self.label_smoothing, generator=g)
+                              label_smoothing=self.label_smoothing, generator=g, index=batch["position"],
+                              total=batch["global_size"])
         else:
             out = pgd_at_loss(self.model, x, y, self.attack, label_smoothing=self.label_smoothing, generator=g)
         if first_step:
@@ -210,8 +213,8 @@ class AdversarialTraining(pl.LightningModule):
         row["is_best"] = self.last_is_best
         self.history.append(row)
         self.log_dict({f"epoch/{k}": float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"},
-                      rank_zero_only=True, sync_dist=False)
-        self.log("epoch", float(epoch + 1), rank_zero_only=True)
+                      sync_dist=True)  # identical on every rank already; sync_dist keeps DDP quiet
+        self.log("epoch", float(epoch + 1), sync_dist=True)
         return row
 
     def on_train_epoch_end(self) -> None:

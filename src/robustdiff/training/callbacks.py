@@ -99,18 +99,21 @@ class RunCheckpoint(Checkpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.interrupt_after_steps is not None and trainer.global_step >= self.interrupt_after_steps:
             self._signal = signal.SIGTERM
-        if self._signal is not None and not pl_module.interrupted:
+        stop = self._signal is not None
+        if trainer.world_size > 1:
+            # A signal may reach one rank only; every rank must save and stop on the same step.
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop and not pl_module.interrupted:
             pl_module.interrupted = True
-            # A signal reaches one rank; every rank must stop on the same step.
-            trainer.save_checkpoint(self.last_path)
+            trainer.save_checkpoint(self.last_path, weights_only=False)
             trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.interrupted:
             return
-        trainer.save_checkpoint(self.last_path)
+        trainer.save_checkpoint(self.last_path, weights_only=False)
         if pl_module.last_is_best:
-            trainer.save_checkpoint(self.ckpt_dir / "best.ckpt")
+            trainer.save_checkpoint(self.ckpt_dir / "best.ckpt", weights_only=False)
             if trainer.is_global_zero:
                 atomic_torch_save(pl_module.ema.module.state_dict(), self.run_dir / "model.pt")
         if trainer.is_global_zero:

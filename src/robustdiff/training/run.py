@@ -182,6 +182,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         enable_checkpointing=True, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
         plugins=[AtomicCheckpointIO()], log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_progress_bar=cfg.trainer.enable_progress_bar, enable_model_summary=False,
+        sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm", False)),
     )
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,7 +191,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     resume = checkpoint.last_path if checkpoint.last_path.is_file() else None
     if resume is not None and trainer.is_global_zero:
         print(f"robustdiff: resuming {run_dir} from {resume}")
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"finished": False}
     if module.interrupted:
         summary["interrupted"] = True
@@ -207,9 +208,9 @@ def print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     if "best_epoch" not in summary:
         return
     print(f"robustdiff: {run_dir}\n"
-          f"  best epoch {summary['best_epoch']}: val PGD-40 {fmt_acc(summary['best_val_pgd_acc'])}, "
+          f"  best epoch {summary['best_epoch']}: val PGD {fmt_acc(summary['best_val_pgd_acc'])}, "
           f"test clean {fmt_acc(summary['test_clean_acc_best'])}\n"
           f"  last epoch {summary['last_epoch']}: test clean {fmt_acc(summary['test_clean_acc_last'])}, "
-          f"test PGD-40 {fmt_acc(summary.get('test_pgd_acc_last'))}")
+          f"test PGD {fmt_acc(summary.get('test_pgd_acc_last'))}")
 
 

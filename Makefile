@@ -1,0 +1,45 @@
+# robustdiff — set-up, tests, demo and benchmarks. Every target installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines use the pinned build; on a GPU cluster: make install TORCH="torch torchvision"
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install data test demo lint bench bench-data bench-edm bench-eval
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST, the embedded default dataset, from Debian's package.
+data: $(FMNIST)
+
+$(FMNIST):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+test: install data
+	$(PY) -m pytest -q
+
+demo: install data
+	$(VENV)/bin/robustdiff-train experiment=fashionmnist_demo
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: bench-data bench-edm bench-eval
+
+bench-data: install
+	$(PY) benchmarks/bench_data.py $(ARGS)
+
+bench-edm: install
+	$(PY) benchmarks/bench_edm.py $(ARGS)
+
+bench-eval: install data
+	$(PY) benchmarks/bench_eval.py $(ARGS)

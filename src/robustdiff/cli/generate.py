@@ -1,0 +1,390 @@
+"""robustdiff-generate: sample N class-balanced images from an EDM network into a generated-data store.
+
+    robustdiff-generate network=runs/edm/<run>/network.pt n=10000 out=data/generated/fmnist-10k steps=18
+    robustdiff-generate network=edm-cifar10-32x32-cond-vp.pkl dataset=cifar10 n=1000000 steps=20 \\
+        out=data/generated/c10-1m classifier=runs/<trades run> keep_fraction=0.2 trainer=gpu trainer.devices=8
+
+What is generated (SPEC §7): image i (0 ≤ i < N) has label i mod K and starts from noise drawn from its
+own generator, seeded by (seed, i) — so the images do not depend on the batch size or the number of
+processes. N must be a multiple of K (exactly N/K images per class). The store uses the block layout
+(``robustdiff.data.store``): shard b holds images [b·S, (b+1)·S); processes take disjoint runs of
+shards, write them atomically, and rank 0 assembles the manifest at the end. An interrupted run keeps
+its finished shards: rerunning the same command writes only the missing ones, and the result is the
+same bytes as an uninterrupted run (the batches of a shard are the same either way).
+
+Filtering (the paper's 1M CIFAR sets): with ``classifier=`` and ``keep_fraction=f`` we first generate
+M = ceil(N / f) candidates, rounded up to a multiple of K, into ``candidates`` (default ``<out>-candidates``,
+kept afterwards), score each by the classifier's softmax probability of its generating class, and
+keep per class the N/K most confident (ties: lower index first), in candidate order, in ``out``.
+The classifier is a robustdiff-train run directory (model.pt + run.json) or a WideResNet state dict
+(.pt; then ``dataset=`` names its normalisation).
+
+Networks: ``network.pt`` from robustdiff-edm (weights-only load) or NVIDIA's EDM ``.pkl`` (restricted
+unpickler, ``robustdiff.diffusion.pretrained``). Multi-GPU runs use Lightning Fabric (``trainer=`` group).
+Exit status: 0 done (or stopped by ``stop_after_shards``), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.store import (
+    MANIFEST,
+    GeneratedStore,
+    StoreError,
+    StoreWriter,
+    assemble_block_store,
+    block_ranges,
+    finished_blocks,
+    open_block_store,
+    write_block,
+)
+from ..utils.io import atomic_path
+from .train import CONF_DIR
+
+SCORES_DIR = "scores"
+
+
+class GenerationError(ValueError):
+    """Bad input to robustdiff-generate; the message names the file or field and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_generator(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """EDM network from a robustdiff ``network.pt`` or an NVIDIA ``.pkl``. Returns (net, format name)."""
+    from ..diffusion.pretrained import PretrainedError, load_edm_pickle
+    from ..training.diffusion import NetworkFileError, load_network
+
+    path = Path(path)
+    if not path.is_file():
+        raise GenerationError(f"network={path}: no such file (a robustdiff-edm network.pt or an NVIDIA EDM .pkl)")
+    try:
+        if path.suffix == ".pkl":
+            net, _ = load_edm_pickle(path, device=device)
+            return net, "nvidia-edm-pkl"
+        net, _ = load_network(path, device=device)
+        return net, "robustdiff-network"
+    except (PretrainedError, NetworkFileError) as e:
+        raise GenerationError(f"network={path}: {e}") from e
+
+
+def load_classifier(path: str | os.PathLike, dataset: str | None, num_classes: int, channels: int,
+                    device: torch.device | str = "cpu") -> torch.nn.Module:
+    """WideResNet from a robustdiff-train run directory (model.pt + run.json) or a WRN state-dict .pt."""
+    from ..data.datasets import get_info
+    from ..models.wrn import WideResNet
+
+    path = Path(path)
+    if path.is_dir():
+        run_json, weights = path / "run.json", path / "model.pt"
+        if not run_json.is_file() or not weights.is_file():
+            raise GenerationError(f"classifier={path}: a run directory needs run.json and model.pt "
+                                  f"(written by robustdiff-train)")
+        run = json.loads(run_json.read_text())
+        dataset = run["dataset"]
+    elif path.is_file():
+        weights = path
+        if dataset is None:
+            raise GenerationError(f"classifier={path}: a plain state dict does not say how to normalise its inputs — "
+                                  f"pass dataset=<name> (its mean/std are used)")
+    else:
+        raise GenerationError(f"classifier={path}: no such file or run directory")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise GenerationError(f"classifier={weights}: not a weights-only torch file ({type(e).__name__})") from e
+    for key in ("state_dict", "model"):  # common wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or "logits.weight" not in state or "init_conv.weight" not in state:
+        raise GenerationError(f"classifier={weights}: not a WideResNet state dict (no init_conv/logits weights)")
+    blocks = {k.split(".")[3] for k in state if k.startswith("layer.0.block.")}
+    width = state["layer.0.block.0.conv_0.weight"].shape[0] // 16
+    info = get_info(dataset)
+    model = WideResNet(depth=6 * len(blocks) + 4, width=width, num_classes=state["logits.weight"].shape[0],
+                       in_channels=state["init_conv.weight"].shape[1], mean=info.mean, std=info.std)
+    if model.num_classes != num_classes or model.in_channels != channels:
+        raise GenerationError(f"classifier={weights}: has {model.num_classes} classes and {model.in_channels} input "
+                              f"channels, but the network generates {num_classes} classes of {channels}-channel images")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise GenerationError(f"classifier={weights}: does not load into a WRN-{model.depth}-{width}: {e}") from e
+    return model.eval().to(device)
+
+
+def plan(cfg: dict, num_classes: int) -> dict[str, Any]:
+    """Counts and paths of the job (checks that must fail before any work)."""
+    n, keep = cfg["n"], cfg["keep_fraction"]
+    if not isinstance(n, int) or n < 1:
+        raise GenerationError(f"n={n!r} must be a positive integer")
+    if n % num_classes:
+        lo, hi = n - n % num_classes, n + num_classes - n % num_classes
+        raise GenerationError(f"n={n} is not a multiple of the network's {num_classes} classes, so the classes "
+                              f"cannot be exactly balanced — use n={lo or hi} or n={hi}")
+    for key in ("steps", "batch_size", "shard_size"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise GenerationError(f"{key}={cfg[key]!r} must be a positive integer")
+    if not isinstance(cfg["seed"], int) or not 0 <= cfg["seed"] < 2 ** 63:
+        raise GenerationError(f"seed={cfg['seed']!r} must be an integer in [0, 2**63)")
+    if cfg["precision"] not in ("fp32", "bf16"):
+        raise GenerationError(f"precision={cfg['precision']!r}: choose fp32 or bf16")
+    out = Path(cfg["out"])
+    if cfg["classifier"] is None:
+        if keep != 1:
+            raise GenerationError(f"keep_fraction={keep} needs a classifier=... to rank the candidates")
+        return {"count": n, "target": out, "filter": False}
+    if not 0 < float(keep) <= 1:
+        raise GenerationError(f"keep_fraction={keep} must be in (0, 1]")
+    per_class = math.ceil(math.ceil(n / float(keep)) / num_classes)
+    candidates = Path(cfg["candidates"]) if cfg["candidates"] else out.with_name(out.name + "-candidates")
+    return {"count": per_class * num_classes, "target": candidates, "filter": True}
+
+
+def provenance(cfg: dict, net, net_format: str, sha256: str, count: int) -> dict[str, Any]:
+    s = cfg["sampler"]
+    return {
+        "generator": {"file": str(Path(cfg["network"]).resolve()), "sha256": sha256, "format": net_format,
+                      "class": type(net).__name__, "img_resolution": net.img_resolution,
+                      "img_channels": net.img_channels, "label_dim": net.label_dim},
+        "sampler": {"name": "edm_heun", "num_steps": cfg["steps"], "sigma_min": s["sigma_min"],
+                    "sigma_max": s["sigma_max"], "rho": s["rho"], "S_churn": s["S_churn"], "S_min": s["S_min"],
+                    "S_max": s["S_max"], "S_noise": s["S_noise"], "precision": cfg["precision"]},
+        "seed": cfg["seed"],
+        "n": count,
+        "seeds": "image i: torch.Generator seeded with splitmix64(splitmix64(seed) ^ i); label i % num_classes",
+    }
+
+
+def _same_generation(path: Path, prov: dict) -> dict:
+    """A store resumed from another working directory names the network by another path: if the file's
+    content (sha256) is the same, keep the recorded path so the provenance still matches."""
+    mpath = path / MANIFEST
+    if mpath.is_file():
+        with open(mpath) as f:
+            old = json.load(f).get("provenance", {}).get("generator", {})
+        if old.get("sha256") == prov["generator"]["sha256"] and "file" in old:
+            prov = {**prov, "generator": {**prov["generator"], "file": old["file"]}}
+    return prov
+
+
+# ---------------------------------------------------------------------------------------------------- the job
+
+
+def _sampler_kwargs(cfg: dict) -> dict[str, Any]:
+    s = cfg["sampler"]
+    return dict(sigma_min=float(s["sigma_min"]), sigma_max=float(s["sigma_max"]), rho=float(s["rho"]),
+                S_churn=float(s["S_churn"]), S_min=float(s["S_min"]),
+                S_max=float("inf") if s["S_max"] is None else float(s["S_max"]), S_noise=float(s["S_noise"]))
+
+
+def _scores_path(target: Path, block: int) -> Path:
+    return target / SCORES_DIR / f"shard-{block:05d}.f32"
+
+
+@torch.no_grad()
+def _confidence(classifier, images: np.ndarray, labels: np.ndarray, batch_size: int, device) -> np.ndarray:
+    """Softmax probability of each image's generating class: float32 (n,)."""
+    out = np.empty(len(labels), dtype=np.float32)
+    for a in range(0, len(labels), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[a:a + batch_size])).to(device)
+        x = x.permute(0, 3, 1, 2).float() / 255
+        y = torch.from_numpy(np.asarray(labels[a:a + batch_size])).to(device)
+        p = classifier(x).float().softmax(dim=1)
+        out[a:a + len(y)] = p.gather(1, y[:, None])[:, 0].cpu().numpy()
+    return out
+
+
+def run_generation(fabric, cfg: dict) -> dict | None:
+    """Body of one process (rank). Returns the final manifest on rank 0, None when stopped early."""
+    from tqdm import tqdm
+
+    from ..data.datasets import get_info
+    from ..diffusion.sampler import sample_images
+
+    device = fabric.device
+    net, net_format = load_generator(cfg["network"], device)
+    K = int(net.label_dim)
+    if K == 0:
+        raise GenerationError(f"network={cfg['network']}: is unconditional (label_dim 0); the store needs labels, "
+                              f"so use a class-conditional network")
+    shape = (net.img_resolution, net.img_resolution, net.img_channels)
+    if cfg["dataset"] is not None:
+        info = get_info(cfg["dataset"])
+        if info.num_classes != K or tuple(info.image_shape) != shape:
+            raise GenerationError(
+                f"network={cfg['network']}: generates {K} classes of {'×'.join(map(str, shape))} images but dataset "
+                f"{info.name} has {info.num_classes} classes of {'×'.join(map(str, info.image_shape))} — use a "
+                f"network trained on {info.name}, or drop dataset=")
+    job = plan(cfg, K)
+    classifier = None
+    if job["filter"]:
+        classifier = load_classifier(cfg["classifier"], cfg["dataset"], K, shape[2], device)
+    target: Path = job["target"]
+    autocast = torch.bfloat16 if cfg["precision"] == "bf16" else None
+    sampler_kwargs = _sampler_kwargs(cfg)
+
+    # Rank 0 creates (or checks) the store; every rank then takes its share of the missing shards.
+    pending: list[int] | Exception = []
+    if fabric.global_rank == 0:
+        try:
+            sha = file_sha256(cfg["network"])
+            prov = _same_generation(target, provenance(cfg, net, net_format, sha, job["count"]))
+            manifest = open_block_store(target, job["count"], shape, K, cfg["shard_size"], prov)
+            if not manifest["complete"]:
+                done = set(finished_blocks(target))
+                if job["filter"]:
+                    done = {b for b in done if _scores_path(target, b).is_file()}
+                pending = [b for b in range(len(block_ranges(job["count"], cfg["shard_size"]))) if b not in done]
+        except (StoreError, GenerationError) as e:
+            pending = e
+    pending = fabric.broadcast(pending, src=0)
+    if isinstance(pending, Exception):
+        raise pending
+    mine = [int(b) for b in np.array_split(np.asarray(pending, dtype=np.int64), fabric.world_size)[fabric.global_rank]]
+    ranges = block_ranges(job["count"], cfg["shard_size"])
+    total = sum(ranges[b][1] - ranges[b][0] for b in mine)
+    bar = tqdm(total=total, unit="img", desc=f"generate → {target.name}" + (
+        f" (rank 0 of {fabric.world_size})" if fabric.world_size > 1 else ""),
+        disable=fabric.global_rank != 0 or not cfg["progress"], dynamic_ncols=True)
+    start_time = time.perf_counter()
+    written = 0
+    on_disk = set(finished_blocks(target)) if mine else set()
+    with bar:
+        for b in mine:
+            a, z = ranges[b]
+            if b in on_disk:  # images on disk, only the scores are missing
+                images = np.fromfile(target / f"shard-{b:05d}.images.u8", dtype=np.uint8).reshape(z - a, *shape)
+                labels = np.fromfile(target / f"shard-{b:05d}.labels.i64", dtype="<i8")
+                bar.update(z - a)
+            else:
+                parts, label_parts = [], []
+                for s in range(a, z, cfg["batch_size"]):  # batches aligned to the shard: same bytes on resume
+                    x, y = sample_images(net, range(s, min(s + cfg["batch_size"], z)), K, seed=cfg["seed"],
+                                         num_steps=cfg["steps"], batch_size=cfg["batch_size"], device=device,
+                                         autocast_dtype=autocast, **sampler_kwargs)
+                    parts.append(x)
+                    label_parts.append(y)
+                    bar.update(len(y))
+                images, labels = np.concatenate(parts), np.concatenate(label_parts)
+                write_block(target, b, images, labels)
+            if classifier is not None:
+                scores = _confidence(classifier, images, labels, cfg["classifier_batch_size"], device)
+                with atomic_path(_scores_path(target, b)) as tmp:
+                    scores.tofile(tmp)
+            written += 1
+            if cfg["stop_after_shards"] is not None and written >= cfg["stop_after_shards"]:
+                break
+    elapsed = time.perf_counter() - start_time
+    stopped = fabric.all_reduce(torch.tensor(float(written < len(mine)), device=device), reduce_op="max")
+    fabric.barrier()
+    if float(stopped) > 0:
+        if fabric.global_rank == 0:
+            print(f"robustdiff-generate: stopped after {written} shard(s) on rank 0; rerun the same command to finish "
+                  f"{target}")
+        return None
+    if fabric.global_rank != 0:
+        return None
+    if total:
+        print(f"robustdiff-generate: {total} images in {elapsed:.1f} s on rank 0 ({total / elapsed:.1f} img/s)")
+    manifest = assemble_block_store(target)
+    if job["filter"]:
+        manifest = select_confident(target, Path(cfg["out"]), cfg, cfg["n"], K)
+    print(f"robustdiff-generate: {cfg['out']}: {manifest['count']} images, {manifest['count'] // K} per class")
+    return manifest
+
+
+def select_confident(candidates: Path, out: Path, cfg: dict, n: int, num_classes: int) -> dict:
+    """Keep per class the n/K candidates the classifier is most confident about; write them to ``out``
+    in candidate order (resumable: StoreWriter continues a partial store). Returns its manifest."""
+    store = GeneratedStore(candidates)
+    labels = store.labels()
+    scores = np.concatenate([np.fromfile(_scores_path(candidates, b), dtype=np.float32)
+                             for b in range(len(store.manifest["shards"]))])
+    keep = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        order = np.lexsort((idx, -scores[idx]))  # most confident first, then lower index
+        keep.append(idx[order[: n // num_classes]])
+    selected = np.sort(np.concatenate(keep))
+    cprov = store.provenance
+    prov = {**cprov, "n": n, "filter": {
+        "candidates": str(candidates.resolve()), "candidates_n": len(store), "keep_fraction": cfg["keep_fraction"],
+        "classifier": str(Path(cfg["classifier"]).resolve()),
+        "classifier_sha256": file_sha256(Path(cfg["classifier"]) / "model.pt" if Path(cfg["classifier"]).is_dir()
+                                         else cfg["classifier"]),
+        "score": "softmax probability of the generating class; top n/K per class, ties to the lower index",
+        "selected_min_score": float(scores[selected].min()),
+    }}
+    mpath = out / MANIFEST
+    if mpath.is_file():
+        old = json.loads(mpath.read_text())
+        if old.get("complete") and old.get("provenance") == json.loads(json.dumps(prov)):
+            return old
+    writer = StoreWriter(out, store.image_shape, num_classes, shard_size=cfg["shard_size"], provenance=prov)
+    try:
+        start = writer.count
+        for a in range(start, len(selected), cfg["shard_size"]):
+            images, y = store.get(selected[a:a + cfg["shard_size"]])
+            writer.append(images, y)
+        return writer.finalize()
+    except BaseException:
+        writer.close()
+        raise
+
+
+def generate(cfg: DictConfig | dict) -> dict | None:
+    """Run the generation job described by a composed ``conf/generate.yaml`` (any number of processes).
+    Returns rank 0's final manifest (None when stopped early)."""
+    from lightning_fabric import Fabric
+
+    cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    dataset = cfg.get("dataset")  # the dataset group ({name: ...}) or a plain name
+    cfg["dataset"] = dataset.get("name") if isinstance(dataset, dict) else dataset
+    for key in ("network", "n", "out"):
+        if cfg.get(key) in (None, "???"):
+            raise GenerationError(f"{key}=... is required (e.g. network=runs/edm/<run>/network.pt n=10000 "
+                                  f"out=data/generated/fmnist-10k)")
+    t = cfg["trainer"]
+    fabric = Fabric(accelerator=t["accelerator"], devices=t["devices"], strategy=t["strategy"],
+                    num_nodes=t["num_nodes"])
+    return fabric.launch(run_generation, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        generate(cfg)
+    except (GenerationError, StoreError) as e:
+        print(f"robustdiff-generate: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

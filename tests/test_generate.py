@@ -1,0 +1,180 @@
+"""robustdiff-generate: class-balanced stores with provenance, batch-size and process-count invariance,
+byte-identical resume after an interruption, classifier filtering, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from robustdiff.cli.generate import GenerationError, generate
+from robustdiff.cli.train import CONF_DIR
+from robustdiff.data.store import GeneratedStore, StoreError, verify_store
+from robustdiff.diffusion.edm import EDMPrecond
+from robustdiff.diffusion.sampler import sample_images
+from robustdiff.training.diffusion import network_kwargs, save_network
+
+N, SHARD = 40, 16  # shards of 16, 16, 8 images
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory) -> Path:
+    """A random small 16-px conditional network whose output is not ~0 (the 1e-5 init layers are scaled up)."""
+    torch.manual_seed(0)
+    kwargs = network_kwargs("small", 16, 1, 10)
+    net = EDMPrecond(**kwargs)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith(("conv1.weight", "proj.weight", "aux_conv.weight")):
+                p.mul_(1e4)
+    path = tmp_path_factory.mktemp("net") / "network.pt"
+    save_network(path, kwargs, net)
+    return path
+
+
+def config(network: Path, out: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("generate", overrides=[f"network={network}", f"n={N}", f"out={out}", "steps=3",
+                                              f"shard_size={SHARD}", "batch_size=8", "progress=false", *overrides])
+
+
+def store_bytes(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def test_store_is_balanced_with_provenance(network, tmp_path):
+    manifest = generate(config(network, tmp_path / "s"))
+    assert manifest["complete"] and manifest["count"] == N and manifest["class_counts"] == [4] * 10
+    assert [s["count"] for s in manifest["shards"]] == [16, 16, 8]
+    prov = manifest["provenance"]
+    assert prov["generator"]["sha256"] == __import__("hashlib").sha256(network.read_bytes()).hexdigest()
+    assert prov["generator"]["file"] == str(network.resolve()) and prov["generator"]["format"] == "robustdiff-network"
+    assert prov["sampler"]["num_steps"] == 3 and prov["sampler"]["name"] == "edm_heun"
+    assert prov["seed"] == 0 and prov["n"] == N
+    assert verify_store(tmp_path / "s") == []
+    store = GeneratedStore(tmp_path / "s")
+    images, labels = store.get(np.arange(N))
+    np.testing.assert_array_equal(labels, np.arange(N) % 10)  # label = index mod classes
+    assert images.std() > 10  # not a constant image
+    # Image i is what the sampler gives for index i, whatever else is in its batch.
+    from robustdiff.training.diffusion import load_network
+
+    net, _ = load_network(network)
+    ref, _ = sample_images(net, [5, 33], 10, seed=0, num_steps=3, batch_size=2)
+    np.testing.assert_array_equal(ref, images[[5, 33]])
+    # Rerunning a finished generation changes nothing.
+    before = store_bytes(tmp_path / "s")
+    generate(config(network, tmp_path / "s"))
+    assert store_bytes(tmp_path / "s") == before
+
+
+def test_interrupted_run_finishes_byte_identical(network, tmp_path):
+    generate(config(network, tmp_path / "straight"))
+    assert generate(config(network, tmp_path / "resumed", "stop_after_shards=1")) is None
+    with pytest.raises(StoreError, match="incomplete"):
+        GeneratedStore(tmp_path / "resumed")
+    (tmp_path / "resumed" / ".shard-00001.images.u8.x1.tmp").write_bytes(b"killed mid-shard")
+    generate(config(network, tmp_path / "resumed"))
+    assert store_bytes(tmp_path / "resumed") == store_bytes(tmp_path / "straight")
+    # Resuming with other settings is refused instead of mixing two generations.
+    generate(config(network, tmp_path / "other", "stop_after_shards=1"))
+    with pytest.raises(StoreError, match=r"different generation.*\n  provenance.seed: store has 0, this run has 1\n"):
+        generate(config(network, tmp_path / "other", "seed=1"))
+
+
+def test_batch_size_does_not_change_images(network, tmp_path):
+    generate(config(network, tmp_path / "a", "batch_size=16"))
+    generate(config(network, tmp_path / "b", "batch_size=3"))
+    xa, ya = GeneratedStore(tmp_path / "a").get(np.arange(N))
+    xb, yb = GeneratedStore(tmp_path / "b").get(np.arange(N))
+    np.testing.assert_array_equal(ya, yb)
+    # Convolutions may round differently at another batch size (≤1e-6 in the solver state), which can move a
+    # pixel across a uint8 boundary: allow a difference of 1 on a tiny fraction of pixels.
+    diff = np.abs(xa.astype(int) - xb.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_store(network, tmp_path):
+    """Two gloo processes (Lightning Fabric, spawn) split the shards; the store equals the one-process store."""
+    one = generate(config(network, tmp_path / "one"))
+    two = generate(config(network, tmp_path / "two", "trainer.devices=2", "trainer.strategy=ddp_spawn"))
+    assert two["shards"] == one["shards"]
+    assert store_bytes(tmp_path / "two") == store_bytes(tmp_path / "one")
+
+
+def test_classifier_filter_keeps_most_confident_per_class(network, tmp_path):
+    from robustdiff.models.wrn import WideResNet
+
+    torch.manual_seed(1)
+    wrn = WideResNet(10, 1, num_classes=10, in_channels=1, mean=(0.2860,), std=(0.3530,))
+    run = tmp_path / "classifier"
+    run.mkdir()
+    torch.save(wrn.state_dict(), run / "model.pt")
+    (run / "run.json").write_text(json.dumps({"dataset": "fashionmnist"}))
+    manifest = generate(config(network, tmp_path / "kept", "n=20", f"classifier={run}", "keep_fraction=0.5"))
+    assert manifest["count"] == 20 and manifest["class_counts"] == [2] * 10
+    assert manifest["provenance"]["filter"]["candidates_n"] == 40 and manifest["provenance"]["n"] == 20
+    candidates = GeneratedStore(tmp_path / "kept-candidates")
+    cx, cy = candidates.get(np.arange(40))
+    with torch.no_grad():
+        p = wrn.eval()(torch.from_numpy(cx).permute(0, 3, 1, 2).float() / 255).softmax(1)
+    conf = p[torch.arange(40), torch.from_numpy(cy)].numpy()
+    expected = np.sort(np.concatenate([np.flatnonzero(cy == c)[np.argsort(-conf[cy == c], kind="stable")[:2]]
+                                       for c in range(10)]))
+    kx, ky = GeneratedStore(tmp_path / "kept").get(np.arange(20))
+    np.testing.assert_array_equal(kx, cx[expected])
+    np.testing.assert_array_equal(ky, cy[expected])
+    # A plain state dict needs dataset= for its normalisation.
+    with pytest.raises(GenerationError, match="dataset=<name>"):
+        generate(config(network, tmp_path / "k2", "n=20", f"classifier={run / 'model.pt'}", "keep_fraction=0.5"))
+
+
+def test_bad_inputs(network, tmp_path):
+    with pytest.raises(GenerationError, match="n=45 is not a multiple of the network's 10 classes.*n=40 or n=50"):
+        generate(config(network, tmp_path / "x", "n=45"))
+    with pytest.raises(GenerationError, match="generates 10 classes of 16×16×1 images but dataset cifar100 has 100"):
+        generate(config(network, tmp_path / "x", "dataset=cifar100"))
+    wrn = tmp_path / "model.pt"
+    torch.save({"init_conv.weight": torch.zeros(16, 1, 3, 3)}, wrn)
+    with pytest.raises(GenerationError, match="not an EDM network file"):
+        generate(config(wrn, tmp_path / "x"))
+    ckpt = tmp_path / "evil.pt"
+    torch.save({"kwargs": object()}, ckpt)  # needs full unpickling: refused
+    with pytest.raises(GenerationError, match="weights-only"):
+        generate(config(ckpt, tmp_path / "x"))
+    with pytest.raises(GenerationError, match="no such file"):
+        generate(config(tmp_path / "missing.pt", tmp_path / "x"))
+    with pytest.raises(GenerationError, match="needs a classifier"):
+        generate(config(network, tmp_path / "x", "keep_fraction=0.5"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli(network, tmp_path, monkeypatch, capsys):
+    from robustdiff.cli.generate import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["robustdiff-generate", f"network={network}", "n=20", "out=cli", "steps=2", "seed=0", "batch_size=256",
+            "shard_size=8"]
+    monkeypatch.setattr(sys, "argv", args)
+    main()
+    assert "img/s" in capsys.readouterr().out
+    assert GeneratedStore(tmp_path / "cli").class_counts == [2] * 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]  # Hydra wrote nothing else
+    monkeypatch.setattr(sys, "argv", [*args[:3], "n=7", "out=bad"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and "not a multiple" in capsys.readouterr().err
