@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ from ..models.wrn import WideResNet
 from ..utils.io import atomic_write_json, atomic_write_text
 from .adversarial import AdversarialTraining
 from .callbacks import AtomicCheckpointIO, RunCheckpoint, fmt_acc
+
+# Our LightningModule, not the DataModule, moves batches to the device on purpose (augmentation on device).
+warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
 # Fields that define what a run *is*: resuming with any of them changed is refused.
 IDENTITY_FIELDS = ("dataset", "model", "num_classes", "in_channels", "norm", "loss", "epochs", "batch_size",
