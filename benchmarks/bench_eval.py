@@ -40,7 +40,8 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=20)
     p.add_argument("--eps", type=float, default=2 / 255)
     p.add_argument("--labels", choices=("predicted", "true"), default="predicted")
-    p.add_argument("--threads", type=int, default=None)
+    # One thread: a tiny model gains little from two, and on a shared CPU OpenMP threads wait on each other.
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     if args.threads:

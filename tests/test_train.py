@@ -69,7 +69,7 @@ def test_short_run_on_fashion_mnist_learns(tmp_path):
     assert summary["test_clean_acc_last"] > 0.45, history
     assert summary["best_val_pgd_acc"] > 0.25, history
     assert summary["test_pgd_acc_last"] is not None  # PGD on the test set at the last epoch
-    assert (run / "metrics.csv").is_file() and (run / "model.pt").is_file()
+    assert (run / "csv" / "version_0" / "metrics.csv").is_file() and (run / "model.pt").is_file()
     state = torch.load(run / "model.pt", weights_only=True)
     assert "init_conv.weight" in state and not any(k.startswith("module.") for k in state)
 
@@ -119,7 +119,8 @@ def test_missing_dataset_files_say_where_they_looked(tmp_path):
 
 
 def test_run_names_are_deterministic():
-    assert run_name(None, "dataset=cifar10,epochs=400") == "dataset=cifar10,epochs=400"
+    assert run_name(None, "dataset:cifar10__epochs:400") == "dataset:cifar10__epochs:400"
+    assert run_name("a=b,c") == "a_b_c"  # '=' and ',' would break Hydra overrides that name the directory
     assert run_name(None, "") == "default"
     assert run_name("my run/1") == "my_run_1"
     long = run_name(None, "x=" + "a" * 300)

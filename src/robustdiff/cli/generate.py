@@ -195,9 +195,9 @@ def _same_generation(path: Path, prov: dict) -> dict:
 
 def _sampler_kwargs(cfg: dict) -> dict[str, Any]:
     s = cfg["sampler"]
-    return dict(sigma_min=float(s["sigma_min"]), sigma_max=float(s["sigma_max"]), rho=float(s["rho"]),
-                S_churn=float(s["S_churn"]), S_min=float(s["S_min"]),
-                S_max=float("inf") if s["S_max"] is None else float(s["S_max"]), S_noise=float(s["S_noise"]))
+    return {"sigma_min": float(s["sigma_min"]), "sigma_max": float(s["sigma_max"]), "rho": float(s["rho"]),
+            "S_churn": float(s["S_churn"]), "S_min": float(s["S_min"]),
+            "S_max": float("inf") if s["S_max"] is None else float(s["S_max"]), "S_noise": float(s["S_noise"])}
 
 
 def _scores_path(target: Path, block: int) -> Path:

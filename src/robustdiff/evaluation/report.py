@@ -146,6 +146,7 @@ def plot_training_curves(run: Run, out_png: str | os.PathLike) -> Path:
     """Clean test accuracy, validation and test PGD accuracy per epoch, best epoch marked. Writes a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(7.5, 4.2), dpi=120)
     FigureCanvasAgg(fig)
@@ -171,6 +172,7 @@ def plot_training_curves(run: Run, out_png: str | os.PathLike) -> Path:
         gap = 100 * (s["test_pgd_acc_best"] - s["test_pgd_acc_last"])
         ax.text(0.99, 0.02, f"test PGD best − last: {gap:+.2f} points", transform=ax.transAxes,
                 ha="right", va="bottom", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(_title(run), fontsize=9)

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +136,8 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
 
 
 def kimg_label(images: int) -> str:
-    """'2500' for 2.5M images, '0.256' for 256 (zero-padded so file names sort)."""
-    text = f"{images / 1000:010.3f}".rstrip("0").rstrip(".")
-    return text
+    """'002500' for 2.5M images, '000000.256' for 256 (zero-padded so file names sort)."""
+    return f"{images / 1000:010.3f}".rstrip("0").rstrip(".")
 
 
 # ---------------------------------------------------------------------------------------------------- the module
@@ -259,7 +259,7 @@ class EDMSnapshot(Checkpoint):
                  grid_seed: int = 0, interrupt_after_steps: int | None = None, extra: dict | None = None):
         super().__init__()
         self.run_dir = Path(run_dir)
-        self.snapshot_images = max(1, int(round(snapshot_kimg * 1000)))
+        self.snapshot_images = max(1, round(snapshot_kimg * 1000))
         self.grid_rows, self.grid_steps, self.grid_seed = grid_rows, grid_steps, grid_seed
         self.interrupt_after_steps = interrupt_after_steps
         self.extra = extra or {}
@@ -354,8 +354,8 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     try:
         resolution_pyramid(resolution, levels)
     except ValueError as err:
-        raise ConfigError(f"resolution {resolution} ({'dataset ' + info.name if cfg.resolution is None else 'resolution='}"
-                          f"): the {e.network} network cannot take it — {err}") from None
+        where = f"resolution={resolution}" if cfg.resolution is not None else f"dataset {info.name} ({resolution} px)"
+        raise ConfigError(f"{where}: the {e.network} network (edm.network) cannot take this image size — {err}") from None
     label_dim = info.num_classes if cfg.label_dim is None else cfg.label_dim
     need(label_dim in (0, info.num_classes),
          f"label_dim={cfg.label_dim!r} but dataset {info.name} has {info.num_classes} classes: use label_dim=null "
@@ -433,7 +433,9 @@ def train_edm(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     resume = snapshot.last_path if snapshot.last_path.is_file() else None
     if resume is not None and trainer.is_global_zero:
         print(f"robustdiff-edm: resuming {run_dir} from {resume}")
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # the EMA copy, on purpose
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"finished": False}
     if module.interrupted:
         summary["interrupted"] = True

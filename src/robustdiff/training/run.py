@@ -44,9 +44,13 @@ def parse_number(value: Any, field: str) -> float:
 
 
 def run_name(name: str | None, override_dirname: str = "") -> str:
-    """Deterministic run-directory name: the given name, else the overrides, else 'default'."""
+    """Deterministic run-directory name: the given name, else the overrides, else 'default'.
+
+    Overrides are joined as ``key:value__key:value`` (conf: hydra.job.config.override_dirname): no '='
+    or ',', so the directory can itself be passed back as a Hydra override value (generated=..., network=...).
+    """
     raw = name if name not in (None, "", "None", "null") else (override_dirname or "default")
-    safe = re.sub(r"[^A-Za-z0-9=,.+_@-]+", "_", str(raw)).strip("._") or "default"
+    safe = re.sub(r"[^A-Za-z0-9:.+_@-]+", "_", str(raw)).strip("._") or "default"
     if len(safe) > 120:
         safe = f"{safe[:100]}-{hashlib.sha1(safe.encode()).hexdigest()[:10]}"
     return safe
@@ -125,7 +129,8 @@ def build_logger(cfg: DictConfig, run_dir: Path, name: str):
     if kind == "none":
         return False
     if kind == "csv":
-        return pl.loggers.CSVLogger(save_dir=str(run_dir), name="", version="")
+        # csv/version_<k>/metrics.csv: a resumed run starts a new version rather than overwriting the old log.
+        return pl.loggers.CSVLogger(save_dir=str(run_dir), name="csv")
     if kind == "wandb":
         mode = cfg.logger.get("mode", "auto")
         if mode == "auto":
@@ -196,7 +201,11 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     resume = checkpoint.last_path if checkpoint.last_path.is_file() else None
     if resume is not None and trainer.is_global_zero:
         print(f"robustdiff: resuming {run_dir} from {resume}")
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
+    finally:
+        if isinstance(trainer.logger, pl.loggers.WandbLogger) and trainer.is_global_zero:
+            trainer.logger.experiment.finish()  # flush the summary; an offline run is then ready for `wandb sync`
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"finished": False}
     if module.interrupted:
         summary["interrupted"] = True
