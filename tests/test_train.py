@@ -125,3 +125,11 @@ def test_run_names_are_deterministic():
     assert run_name("my run/1") == "my_run_1"
     long = run_name(None, "x=" + "a" * 300)
     assert len(long) <= 120 and long == run_name(None, "x=" + "a" * 300)
+
+
+def test_bf16_mixed_precision_runs(tmp_path, tiny_overrides):
+    """precision=bf16-mixed (meant for GPUs) autocasts the attack and the step; the losses stay finite."""
+    summary = train(compose_train(*tiny_overrides, "epochs=1", "precision=bf16-mixed"), tmp_path / "bf16")
+    history = json.loads((tmp_path / "bf16" / "history.json").read_text())
+    assert summary["finished"] and all(map(lambda v: v == v, (history[0]["train_loss"], history[0]["train_loss_robust"])))
+    assert 0.0 <= history[0]["test_clean_acc"] <= 1.0
