@@ -282,7 +282,7 @@ def phase_reference(a) -> None:
     x, _ = next(it)
     first = time.perf_counter() - t0
     t = time.perf_counter()
-    for i, (x, _) in enumerate(it, start=1):
+    for i, _batch in enumerate(it, start=1):
         if i % 20 == 0:
             peak_anon = max(peak_anon, anon_rss_mib())
     elapsed = time.perf_counter() - t

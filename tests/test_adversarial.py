@@ -6,8 +6,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustdiff.adversarial.attacks import cw_loss, frozen_bn_stats, pgd_attack
-from robustdiff.adversarial.trades import (AttackConfig, kl_batchmean, smoothed_cross_entropy, trades_adversary,
-                                           trades_loss)
+from robustdiff.adversarial.trades import (
+    AttackConfig,
+    kl_batchmean,
+    smoothed_cross_entropy,
+    trades_adversary,
+    trades_loss,
+)
 from robustdiff.models.wrn import WideResNet
 
 

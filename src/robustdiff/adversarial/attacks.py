@@ -6,7 +6,7 @@ All images are (B, C, H, W) in [0, 1]; the model normalises internally.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F

@@ -9,8 +9,8 @@ sources. Which images form batch (epoch, step) is a pure function of the seed
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pytorch_lightning as pl

@@ -9,7 +9,7 @@ non-persistent buffers, so callers and attacks feed images in [0, 1].
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -48,7 +48,7 @@ from ..models.unet import UNET_PRESETS, resolution_pyramid, unet_preset
 from ..utils.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
 from .adversarial import step_seed
 from .callbacks import AtomicCheckpointIO
-from .run import ConfigError, build_logger
+from .run import ConfigError, build_logger, check_resume
 
 NETWORK_FORMAT = "robustdiff-edm-network"
 # Fields that define what an EDM run is: resuming with any of them changed is refused.
@@ -383,24 +383,12 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def check_resume(run_dir: Path, desc: dict[str, Any]) -> None:
-    path = run_dir / "run.json"
-    if not path.is_file():
-        return
-    old = json.loads(path.read_text())
-    diffs = [f"{k}: run has {json.dumps(old.get(k))}, you asked for {json.dumps(desc.get(k))}" for k in IDENTITY_FIELDS
-             if json.dumps(old.get(k), sort_keys=True) != json.dumps(desc.get(k), sort_keys=True)]
-    if diffs:
-        raise ConfigError(f"{path}: this run directory holds a different EDM run, refusing to resume or overwrite it:"
-                          "\n  " + "\n  ".join(diffs) + "\nChoose another name=... (or run_root=...) for the new run.")
-
-
 def train_edm(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     """Train (or resume, or skip if finished) the EDM run in ``run_dir``; returns summary.json's content."""
     run_dir = Path(run_dir)
     desc = validate(cfg)
     desc["name"] = run_dir.name
-    check_resume(run_dir, desc)
+    check_resume(run_dir, desc, IDENTITY_FIELDS, kind="EDM run")
     summary_path = run_dir / "summary.json"
     if summary_path.is_file() and json.loads(summary_path.read_text()).get("finished"):
         summary = json.loads(summary_path.read_text())

@@ -112,16 +112,23 @@ def describe(cfg: DictConfig, attack: AttackConfig, n_generated: int) -> dict[st
     }
 
 
-def check_resume(run_dir: Path, desc: dict[str, Any]) -> None:
+def check_resume(run_dir: Path, desc: dict[str, Any], fields: tuple[str, ...] = IDENTITY_FIELDS,
+                 kind: str = "run") -> None:
+    """Refuse to resume (or overwrite) ``run_dir`` when its run.json differs from ``desc`` in ``fields``."""
     path = run_dir / "run.json"
     if not path.is_file():
         return
     old = json.loads(path.read_text())
-    diffs = [f"{k}: run has {old.get(k)!r}, you asked for {desc.get(k)!r}" for k in IDENTITY_FIELDS
+    diffs = [f"{k}: run has {json.dumps(old.get(k))}, you asked for {json.dumps(desc.get(k))}" for k in fields
              if json.dumps(old.get(k), sort_keys=True) != json.dumps(desc.get(k), sort_keys=True)]
     if diffs:
-        raise ConfigError(f"{path}: this run directory holds a different run, refusing to resume or overwrite it:\n  "
-                          + "\n  ".join(diffs) + "\nChoose another name=... (or run_root=...) for the new run.")
+        raise ConfigError(f"{path}: this run directory holds a different {kind}, refusing to resume or overwrite it:"
+                          "\n  " + "\n  ".join(diffs) + "\nChoose another name=... (or run_root=...) for the new run.")
+
+
+# Set by the sweep callback (cli/sweep.py) under `robustdiff-train -m`: the sweep's name, which becomes the
+# W&B group of its runs unless logger.group is given.
+SWEEP_ENV = "ROBUSTDIFF_SWEEP"
 
 
 def build_logger(cfg: DictConfig, run_dir: Path, name: str):
@@ -136,7 +143,8 @@ def build_logger(cfg: DictConfig, run_dir: Path, name: str):
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") or _wandb_logged_in() else "offline"
         return pl.loggers.WandbLogger(
-            project=cfg.logger.project, entity=cfg.logger.get("entity"), group=cfg.logger.get("group"),
+            project=cfg.logger.project, entity=cfg.logger.get("entity"),
+            group=cfg.logger.get("group") or os.environ.get(SWEEP_ENV),
             tags=list(cfg.logger.get("tags") or []), name=name, save_dir=str(run_dir), mode=mode,
             id=hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16], resume="allow",
             config=OmegaConf.to_container(cfg, resolve=True),
