@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data test demo lint bench bench-data bench-edm bench-eval
+.PHONY: install data test demo lint bench bench-data bench-edm bench-eval bench-train gpu-check
 
 install: $(VENV)/.installed
 
@@ -33,7 +33,7 @@ demo: install data
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 
-bench: bench-data bench-edm bench-eval
+bench: bench-train bench-data bench-edm bench-eval
 
 bench-data: install
 	$(PY) benchmarks/bench_data.py $(ARGS)
@@ -43,3 +43,10 @@ bench-edm: install
 
 bench-eval: install data
 	$(PY) benchmarks/bench_eval.py $(ARGS)
+
+bench-train: install data
+	$(PY) benchmarks/bench_train.py $(ARGS)
+
+# One H100/H200, at most 8 minutes (`--smoke` runs a tiny version on a CPU).
+gpu-check: install
+	bash benchmarks/gpu_check.sh $(ARGS)

@@ -1,0 +1,192 @@
+"""Each speed-up in the training step leaves the fp32 result unchanged (or within a stated tolerance).
+
+- The attack differentiates the input only (parameters frozen): bitwise the same x_adv as an attack
+  whose parameters keep ``requires_grad`` (the reference's way).
+- channels_last: the same logits, loss and gradients as the contiguous layout, up to float32 re-association.
+- The EMA as one fused ``torch._foreach_lerp_``: within 1e-7 of the reference's per-parameter loop.
+- Augmentation of whole batches as tensor ops: the same pixels as torchvision's per-image PIL
+  RandomCrop(padding, fill 0) + RandomHorizontalFlip + ToTensor at the same offsets and flips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import robustdiff.adversarial.attacks as attacks_mod
+import robustdiff.adversarial.trades as trades_mod
+from robustdiff.adversarial.trades import AttackConfig, kl_batchmean, trades_adversary, trades_loss
+from robustdiff.data.augment import augment_batch, to_float_nchw
+from robustdiff.models.wrn import WideResNet
+from robustdiff.training.ema import EMA
+
+
+def small_wrn(in_channels: int = 1) -> WideResNet:
+    torch.manual_seed(0)
+    return WideResNet(depth=10, width=1, num_classes=10, in_channels=in_channels, mean=(0.5,), std=(0.25,))
+
+
+def batch(n: int = 8, channels: int = 1, size: int = 28, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, channels, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+@contextlib.contextmanager
+def _keep_param_grads(model):
+    yield  # the reference's way: parameters keep requires_grad during the attack
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_attack_input_grads_only_is_bitwise_equal(monkeypatch, norm):
+    model = small_wrn().train()
+    x, _ = batch()
+    cfg = AttackConfig(norm, 8 / 255 if norm == "linf" else 0.5, 2 / 255, 3)
+    frozen = trades_adversary(model, x, cfg, torch.Generator().manual_seed(0))
+
+    monkeypatch.setattr(trades_mod, "input_grad_only", _keep_param_grads)
+    assert all(p.requires_grad for p in model.parameters())
+    with_param_grads = trades_adversary(model, x, cfg, torch.Generator().manual_seed(0))
+    assert all(p.grad is None for p in model.parameters())  # autograd.grad on the input leaves .grad alone
+    assert torch.equal(frozen, with_param_grads)
+
+
+def test_pgd_input_grads_only_is_bitwise_equal(monkeypatch):
+    model = small_wrn().eval()
+    x, y = batch()
+    kwargs = dict(norm="linf", eps=8 / 255, step=2 / 255, steps=3, loss="cw")
+    frozen = attacks_mod.pgd_attack(model, x, y, generator=torch.Generator().manual_seed(0), **kwargs)
+    monkeypatch.setattr(attacks_mod, "input_grad_only", _keep_param_grads)
+    with_param_grads = attacks_mod.pgd_attack(model, x, y, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert torch.equal(frozen, with_param_grads)
+
+
+# channels_last reorders float32 sums inside the convolutions: differences are round-off only.
+CHANNELS_LAST_RTOL = 1e-4
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def test_channels_last_matches_contiguous():
+    dense = small_wrn(3).train()
+    last = copy.deepcopy(dense).to(memory_format=torch.channels_last)
+    x, y = batch(channels=3, size=32)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    assert last.init_conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+    # The outer TRADES step at a fixed x_adv: loss and every parameter gradient.
+    x_adv = (x + 0.03 * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(2)))).clamp(0, 1)
+    out_d = trades_loss_at(dense, x, x_adv, y)
+    out_l = trades_loss_at(last, x_last, x_adv.contiguous(memory_format=torch.channels_last), y)
+    assert _rel(out_l[0], out_d[0]) < CHANNELS_LAST_RTOL
+    for (name, pd), pl_ in zip(dense.named_parameters(), last.parameters()):
+        assert _rel(pl_.grad, pd.grad) < CHANNELS_LAST_RTOL, name
+    for bd, bl in zip(dense.buffers(), last.buffers()):  # BN running statistics
+        assert _rel(bl.float(), bd.float()) < CHANNELS_LAST_RTOL
+
+    # The attack's input gradient at a point where the KL is not ~0 (x_adv, not x + tiny).
+    grads = []
+    for model, inp in ((dense, x), (last, x_last)):
+        xa = x_adv.clone().contiguous(memory_format=torch.channels_last if model is last else torch.contiguous_format)
+        xa.requires_grad_(True)
+        with torch.no_grad():
+            p_nat = model(inp)
+        (g,) = torch.autograd.grad(kl_batchmean(p_nat, model(xa)), xa)
+        grads.append(g)
+    assert _rel(grads[1], grads[0]) < CHANNELS_LAST_RTOL
+
+
+def trades_loss_at(model, x, x_adv, y, beta=5.0):
+    """The outer TRADES loss at a given x_adv, backpropagated (the part of trades_loss after the attack)."""
+    logits_nat, logits_adv = model(x), model(x_adv)
+    loss = trades_mod.smoothed_cross_entropy(logits_nat, y, 0.1) + beta * kl_batchmean(logits_nat, logits_adv)
+    loss.backward()
+    return loss.detach(), logits_nat.detach()
+
+
+def test_channels_last_trades_step_runs_and_keeps_layout():
+    model = small_wrn(3).train().to(memory_format=torch.channels_last)
+    x, y = batch(channels=3, size=32)
+    out = trades_loss(model, x.contiguous(memory_format=torch.channels_last), y, AttackConfig("linf", 8 / 255, 2 / 255, 2),
+                      generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert model.init_conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def _reference_ema_update(wa_model, model, global_step, decay_rate, warmup_steps):
+    """The reference's per-parameter loop (global_step counts this update, 1-based)."""
+    factor = int(global_step >= warmup_steps)
+    delta = global_step - warmup_steps
+    decay = min(decay_rate, (1.0 + delta) / (10.0 + delta)) if 10.0 + delta != 0 else decay_rate
+    decay *= factor
+    for p_swa, p_model in zip(wa_model.parameters(), model.parameters()):
+        p_swa.data *= decay
+        p_swa.data += p_model.data * (1 - decay)
+
+
+# float32 has 1.19e-7 between 1 and 2, and BN weights sit near 1: an absolute 1e-7 alone would demand
+# agreement below one ulp there. Both orders of rounding agree to 1e-7 absolute plus two ulps relative.
+EMA_ATOL, EMA_RTOL = 1e-7, 2.4e-7
+
+
+def test_fused_ema_matches_python_loop():
+    model = small_wrn()
+    warmup = 5.0
+    fused = EMA(model, tau=0.995, warmup_steps=warmup)
+    loop = copy.deepcopy(model)
+    exact = [p.detach().double().clone() for p in model.parameters()]  # the same average in float64
+    g = torch.Generator().manual_seed(3)
+    for step in range(40):
+        with torch.no_grad():  # a training step: every weight moves a little
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+        decay = fused.update(model)
+        # The reference calls ema_update after incrementing its global step: its step s+1 is our update s.
+        _reference_ema_update(loop, model, step + 1, 0.995, warmup + 1)
+        exact = [e * decay + p.detach().double() * (1 - decay) for e, p in zip(exact, model.parameters())]
+        for a, b, e in zip(fused.module.parameters(), loop.parameters(), exact):
+            torch.testing.assert_close(a, b, atol=EMA_ATOL, rtol=EMA_RTOL)
+            # The fused update is no worse an approximation of the exact average than the loop, up to one ulp.
+            fused_err = float((a.detach().double() - e).abs().max())
+            assert fused_err <= float((b.detach().double() - e).abs().max()) + 1.2e-7
+
+
+@pytest.mark.parametrize("channels,size,padding", [(1, 28, 2), (3, 32, 4)])
+def test_batch_augmentation_matches_per_image_pil(channels, size, padding):
+    pytest.importorskip("torchvision")
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    n = 32
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (n, size, size, channels), dtype=np.uint8))
+    out = augment_batch(to_float_nchw(images), "crop_flip", padding, torch.Generator().manual_seed(5))
+
+    # The same draws, in augment_batch's order: crop rows, crop columns, then flips.
+    g = torch.Generator().manual_seed(5)
+    top = torch.randint(0, 2 * padding + 1, (n,), generator=g)
+    left = torch.randint(0, 2 * padding + 1, (n,), generator=g)
+    flip = torch.rand((n,), generator=g) < 0.5
+    assert 0 < int(flip.sum()) < n and len(set(top.tolist())) > 1  # the check is not vacuous
+
+    for i in range(n):
+        arr = images[i].numpy()
+        img = Image.fromarray(arr[:, :, 0], mode="L") if channels == 1 else Image.fromarray(arr)
+        # torchvision RandomCrop(size, padding): pad with 0, then crop at (top, left) of the padded image.
+        img = TF.crop(TF.pad(img, padding, fill=0), int(top[i]), int(left[i]), size, size)
+        if flip[i]:
+            img = TF.hflip(img)
+        assert torch.equal(out[i], TF.to_tensor(img)), i
+
+
+def test_batch_augmentation_offsets_cover_the_padding():
+    x = torch.ones(512, 1, 8, 8)
+    out = augment_batch(x, "crop_flip", 2, torch.Generator().manual_seed(0))
+    # A crop at the far corner shows two zero rows and columns; every offset 0..4 occurs in a large batch.
+    zero_rows = {int((o[0].sum(1) == 0).sum()) for o in out}
+    assert zero_rows == {0, 1, 2}
