@@ -27,8 +27,9 @@ $(FMNIST):
 test: install data
 	$(PY) -m pytest -q
 
+# The whole pipeline on Fashion-MNIST on a CPU: EDM -> generated store -> TRADES without/with it -> attack -> report.
 demo: install data
-	$(VENV)/bin/robustdiff-train experiment=fashionmnist_demo
+	$(VENV)/bin/robustdiff-demo --out runs/demo
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

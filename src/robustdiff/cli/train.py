@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ..training.run import ConfigError, train
+from .sweep import ddp_job, own_job_argv, requeue_slurm_job
 
 
 def project_root() -> Path:
@@ -36,15 +37,17 @@ def with_searchpath(argv: list[str]) -> list[str]:
 def _hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        summary = train(cfg, run_dir)
+        with ddp_job():  # under -m: DDP ranks run this job only
+            summary = train(cfg, run_dir)
     except ConfigError as e:
         print(f"robustdiff-train: error: {e}", file=sys.stderr)
         sys.exit(2)
+    requeue_slurm_job(summary)
     return summary.get("best_val_pgd_acc")  # what a sweeper optimises
 
 
 def main() -> None:
-    sys.argv = [sys.argv[0], *with_searchpath(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *own_job_argv(with_searchpath(sys.argv[1:]))]
     _hydra_main()
 
 

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from ..training.diffusion import train_edm
 from ..training.run import ConfigError
+from .sweep import ddp_job, own_job_argv
 from .train import CONF_DIR, with_searchpath
 
 
@@ -22,14 +23,15 @@ from .train import CONF_DIR, with_searchpath
 def _hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        train_edm(cfg, run_dir)
+        with ddp_job():  # under -m: DDP ranks run this job only
+            train_edm(cfg, run_dir)
     except ConfigError as e:
         print(f"robustdiff-edm: error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 def main() -> None:
-    sys.argv = [sys.argv[0], *with_searchpath(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *own_job_argv(with_searchpath(sys.argv[1:]))]
     _hydra_main()
 
 

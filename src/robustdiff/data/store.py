@@ -25,6 +25,7 @@ import collections
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import re
 import zipfile
@@ -607,6 +608,15 @@ def assemble_block_store(path: str | os.PathLike) -> dict:
 # Reading
 
 
+def _random_access(array: np.memmap) -> None:
+    """Training gathers random images: tell the kernel not to read ahead around each one, so resident
+    memory (and disk traffic) stays at the pages actually used."""
+    mm = getattr(array, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        with contextlib.suppress(OSError):
+            mm.madvise(mmap.MADV_RANDOM)
+
+
 class GeneratedStore:
     """A complete store, memory-mapped. `get` gathers any indices; RAM does not grow with the store.
 
@@ -685,6 +695,7 @@ class GeneratedStore:
         n = int(s["count"])
         images = np.memmap(self.path / s["images"], dtype=IMAGE_DTYPE, mode="r", shape=(n, *self.image_shape))
         labels = np.memmap(self.path / s["labels"], dtype=LABEL_DTYPE, mode="r", shape=(n,))
+        _random_access(images)
         self._maps[i] = (images, labels)
         while len(self._maps) > self.max_open_shards:
             self._maps.popitem(last=False)

@@ -308,13 +308,16 @@ def _slug(text: str) -> str:
 
 
 def write_report(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
-                 wandb_run: Any = None) -> list[dict[str, Any]]:
+                 wandb_run: Any = None, runs: Sequence[str | os.PathLike] | None = None,
+                 title: str | None = None) -> list[dict[str, Any]]:
     """Report on one run or a sweep: ``report.md``, ``report.csv`` and ``figures/<run>.png`` in ``out_dir``
-    (default: ``path``). With ``wandb_run`` (a wandb Run), also logs the table and the curves. Returns the rows.
+    (default: ``path``). ``runs``: exactly these run directories (paths shown relative to ``path``) instead of
+    every run found below ``path``. With ``wandb_run`` (a wandb Run), also logs the table and the curves.
+    Returns the rows.
     """
     root = Path(path)
     out_dir = Path(out_dir) if out_dir is not None else root
-    runs = [load_run(d) for d in find_runs(root)]
+    runs = [load_run(d) for d in (find_runs(root) if runs is None else runs)]
     rows = table_rows(runs, root)
     figures: dict[str, str] = {}
     for run in runs:
@@ -323,7 +326,7 @@ def write_report(path: str | os.PathLike, out_dir: str | os.PathLike | None = No
             png = out_dir / "figures" / f"{_slug(key)}.png"
             plot_training_curves(run, png)
             figures[key] = os.path.relpath(png, out_dir)
-    atomic_write_text(out_dir / "report.md", render_markdown(rows, figures, f"robustdiff report: {root}"))
+    atomic_write_text(out_dir / "report.md", render_markdown(rows, figures, title or f"robustdiff report: {root}"))
     atomic_write_text(out_dir / "report.csv", render_csv(rows))
     if wandb_run is not None:
         import wandb

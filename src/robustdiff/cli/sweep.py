@@ -1,0 +1,170 @@
+"""What `robustdiff-train -m ...` (a Hydra multirun) needs beyond one run.
+
+* ``SweepReport``: a Hydra callback (conf/train.yaml, ``hydra.callbacks``) that names the sweep, so that its
+  W&B runs share a group (``SWEEP_ENV``, read by training.run.build_logger), and that writes one report over
+  the sweep's own run directories when the sweep ends: ``<run_root>/sweeps/<sweep>/report.md``.
+* ``ddp_job`` / ``own_job_argv``: DDP inside a sweep without duplicated jobs. Lightning starts ranks 1..N-1
+  by re-running the command line; under ``-m`` that command is the whole sweep, so each extra rank would
+  run every job of the sweep (and its callbacks) and pair up with rank 0 only by luck. Rank 0 therefore
+  records its job's overrides in ``JOB_ENV`` and a re-launched rank runs exactly that job, in its directory;
+  after each job rank 0 forgets the DDP environment so that the next job starts its own ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from ..training.run import SWEEP_ENV, run_name
+
+JOB_ENV = "ROBUSTDIFF_JOB_OVERRIDES"
+# Set by Lightning's subprocess launcher in the launching process; stale values would make the next job of a
+# sweep believe its ranks already exist.
+DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+MULTIRUN_FLAGS = ("-m", "--multirun")
+# What Lightning appends to a re-launched rank's command line (lightning_fabric ... _hydra_subprocess_cmd).
+LIGHTNING_APPENDS = ("hydra.run.dir=", "hydra.job.name=", "hydra.output_subdir=")
+
+
+# --- naming ------------------------------------------------------------------------------------------
+
+def _parse(overrides: Sequence[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(list(overrides))
+
+
+def _dirname(overrides: Sequence[str], config: DictConfig) -> str:
+    """``key:value__key:value`` exactly as Hydra builds hydra.job.override_dirname for these overrides."""
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+
+    od = config.hydra.job.config.override_dirname
+    return get_overrides_dirname(_parse(overrides), exclude_keys=list(od.exclude_keys), item_sep=od.item_sep,
+                                 kv_sep=od.kv_sep)
+
+
+def sweep_name(config: DictConfig) -> str:
+    """The sweep's command-line overrides as a name, e.g. ``epochs:1,2__norm:linf,l2`` (at most 128 characters,
+    W&B's limit for a group)."""
+    name = _dirname(list(config.hydra.overrides.task), config) or "default"
+    if len(name) > 128:
+        name = f"{name[:110]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    return name
+
+
+def job_run_dirs(config: DictConfig) -> list[Path]:
+    """The run directory of every job of the sweep described by ``config`` (the sweep's config, with the
+    command-line sweep overrides), in launch order: ``hydra.sweep.dir / rd_run_name(name, override_dirname)``."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    batches = BasicSweeper.split_arguments(_parse(list(config.hydra.overrides.task)), None)
+    dirs = []
+    for job in (job for batch in batches for job in batch):
+        name = next((o.value() for o in _parse(job) if o.key_or_group == "name"), config.get("name"))
+        dirs.append(sweep_dir / run_name(name, _dirname(job, config)))
+    return list(dict.fromkeys(dirs))
+
+
+# --- the report callback -------------------------------------------------------------------------------
+
+def write_sweep_report(run_dirs: Sequence[Path], root: Path, out_dir: Path) -> Path:
+    """report.md / report.csv / figures/ over exactly ``run_dirs`` (paths shown relative to ``root``)."""
+    from ..evaluation.report import write_report
+
+    write_report(root, out_dir, runs=run_dirs, title=f"robustdiff sweep {out_dir.name}: {len(run_dirs)} run(s) in {root}")
+    return out_dir / "report.md"
+
+
+class SweepReport(Callback):
+    """Names the sweep for W&B grouping; writes ``<hydra.sweep.dir>/sweeps/<sweep>/report.md`` when it ends."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ[SWEEP_ENV] = sweep_name(config)  # inherited by jobs, their DDP ranks and SLURM jobs
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        root = Path(str(config.hydra.sweep.dir))
+        dirs = [d for d in job_run_dirs(config) if (d / "run.json").is_file()]
+        out_dir = root / "sweeps" / run_name(sweep_name(config))
+        if not dirs:
+            print(f"robustdiff: sweep {sweep_name(config)}: no job wrote a run directory; no report")
+            return
+        md = write_sweep_report(dirs, root, out_dir)
+        unfinished = [d.name for d in dirs if not _finished(d)]
+        print(f"robustdiff: sweep report ({len(dirs)} runs{f', {len(unfinished)} unfinished' if unfinished else ''}): "
+              f"{md}")
+
+
+def _finished(run_dir: Path) -> bool:
+    try:
+        return bool(json.loads((run_dir / "summary.json").read_text()).get("finished"))
+    except (OSError, ValueError):
+        return False
+
+
+# --- DDP ranks inside a sweep ----------------------------------------------------------------------------
+
+def own_job_argv(argv: list[str], environ: dict[str, str] | os._Environ = os.environ) -> list[str]:
+    """A rank Lightning re-launched from a sweep job: the command line of that one job (run mode, the job's
+    overrides, Lightning's hydra.run.dir); any other process: ``argv`` unchanged."""
+    if "LOCAL_RANK" not in environ or JOB_ENV not in environ or not any(a in MULTIRUN_FLAGS for a in argv):
+        return argv
+    return [*json.loads(environ[JOB_ENV]), *(a for a in argv if a.startswith(LIGHTNING_APPENDS))]
+
+
+@contextlib.contextmanager
+def ddp_job() -> Iterator[None]:
+    """Around one job of a sweep (no-op for a single run): publish the job's overrides for the ranks that
+    Lightning may start, and afterwards drop the DDP process group and environment it set up."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        yield
+        return
+    hc = HydraConfig.get()
+    hydra_overrides = [o for o in hc.overrides.hydra if not o.startswith("hydra.mode=")]
+    before = {k: os.environ.get(k) for k in (*DDP_ENV, JOB_ENV)}
+    os.environ[JOB_ENV] = json.dumps([*hydra_overrides, *OmegaConf.to_container(hc.overrides.task)])
+    try:
+        yield
+    finally:
+        launched_here = before["LOCAL_RANK"] is None  # else torchrun/SLURM made the ranks and owns the group
+        if launched_here:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        for key, value in before.items():
+            if key in DDP_ENV and not launched_here:
+                continue
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# --- SLURM requeue -----------------------------------------------------------------------------------------
+
+def requeue_slurm_job(summary: dict[str, Any]) -> None:
+    """After a signal stopped training (summary["interrupted"]) in a SLURM job: requeue the job once (global
+    rank 0), then wait to be stopped by SLURM. The requeued job runs the same overrides, so the same run
+    directory, and resumes from checkpoints/last.ckpt. Outside SLURM, or when training ended, nothing."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not summary.get("interrupted") or not job or os.environ.get("SLURM_PROCID", "0") != "0":
+        return
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    target = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else job
+    print(f"robustdiff: requeueing SLURM job {target}; it will resume from last.ckpt", flush=True)
+    subprocess.run(["scontrol", "requeue", target], check=False)
+    # Returning now would let submitit record the job as done before SLURM requeues it.
+    time.sleep(600)

@@ -1,0 +1,97 @@
+"""Hydra multirun sweeps of robustdiff-train, through the real command line: one run directory per job, named
+from its overrides; re-running resumes unfinished jobs and skips finished ones; a report over the sweep's jobs
+at the end; W&B runs grouped by sweep; DDP jobs whose re-launched ranks run only their own job."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import TINY
+from wandb_records import _chunks
+
+CLI = Path(sys.executable).parent / "robustdiff-train"
+
+
+def sweep(tmp_path: Path, *overrides: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}  # W&B offline
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})})
+    tiny = [o for o in TINY if not any(o.startswith(k.split("=")[0] + "=") for k in overrides)]
+    proc = subprocess.run([str(CLI), "-m", *tiny, "epochs=1", f"run_root={tmp_path / 'runs'}", *overrides],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def run_dirs(tmp_path: Path) -> list[Path]:
+    return sorted(p for p in (tmp_path / "runs").iterdir() if (p / "run.json").is_file())
+
+
+def report_path(proc: subprocess.CompletedProcess) -> Path:
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "sweep report" in ln]
+    assert len(lines) == 1, lines  # written once, by the launching process only
+    return Path(lines[0].rsplit(": ", 1)[1])
+
+
+def wandb_groups(run_dir: Path) -> set[str]:
+    """The W&B group of every offline run in ``run_dir`` (a resumed run adds one)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    groups = set()
+    for path in (run_dir / "wandb").glob("offline-run-*/*.wandb"):
+        for raw in _chunks(path.read_bytes()):
+            rec = pb.Record()
+            rec.ParseFromString(raw)
+            if rec.WhichOneof("record_type") == "run":
+                groups.add(rec.run.run_group)
+    return groups
+
+
+def test_sweep_resumes_unfinished_jobs_and_groups_wandb_runs(tmp_path):
+    """Both jobs stop after 2 steps (as if killed), the same sweep again resumes them from last.ckpt."""
+    env = {"HOME": str(tmp_path), "WANDB_SILENT": "true"}  # no ~/.netrc login either
+    tiny_wandb = ("logger=wandb", "norm=linf,l2")
+    sweep(tmp_path, *tiny_wandb, "interrupt_after_steps=2", env_extra=env)
+    dirs = run_dirs(tmp_path)
+    assert len(dirs) == 2 and {json.loads((d / "run.json").read_text())["norm"]["name"] for d in dirs} == {"linf", "l2"}
+    for d in dirs:
+        assert (d / "checkpoints" / "last.ckpt").is_file()
+        assert not (d / "summary.json").is_file()  # stopped in the first epoch
+    proc = sweep(tmp_path, *tiny_wandb, env_extra=env)
+    assert run_dirs(tmp_path) == dirs
+    assert proc.stdout.count("resuming") == 2, proc.stdout[-3000:]
+    for d in dirs:
+        assert json.loads((d / "summary.json").read_text())["finished"]
+    groups = set.union(*(wandb_groups(d) for d in dirs))
+    assert len(groups) == 1 and groups.pop().startswith("batch_size:32__epochs:1"), groups  # the sweep's overrides
+    md = report_path(proc)
+    text = md.read_text()
+    assert md.parent.parent.name == "sweeps" and all(d.name in text for d in dirs)
+
+
+def test_ddp_sweep_makes_one_directory_per_job_and_skips_finished_jobs(tmp_path):
+    ddp = ("seed=0,1", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
+    proc = sweep(tmp_path, *ddp)
+    dirs = run_dirs(tmp_path)
+    others = [p.name for p in (tmp_path / "runs").iterdir() if p.is_dir() and p not in dirs]
+    assert len(dirs) == 2 and others == ["sweeps"], (dirs, others)
+    for d in dirs:
+        assert json.loads((d / "summary.json").read_text())["finished"]
+        assert json.loads((d / "run.json").read_text())["seed"] in (0, 1)
+        assert (d / "train_ddp_process_1.log").is_file()  # rank 1 of this job ran in this directory
+    assert {json.loads((d / "run.json").read_text())["seed"] for d in dirs} == {0, 1}
+    # Each job started its own rank 1 (no rank left over from the previous job joined the next one).
+    assert proc.stdout.count("Initializing distributed: GLOBAL_RANK: 1") + \
+        proc.stderr.count("Initializing distributed: GLOBAL_RANK: 1") == 2
+    md = report_path(proc)
+    assert md.is_file() and md.with_name("report.csv").is_file()
+    assert len(list((md.parent / "figures").glob("*.png"))) == 2
+
+    mtimes = {d: (d / "checkpoints" / "last.ckpt").stat().st_mtime_ns for d in dirs}
+    again = sweep(tmp_path, *ddp)
+    assert again.stdout.count("already finished") == 2
+    assert "Initializing distributed" not in again.stdout + again.stderr
+    assert run_dirs(tmp_path) == dirs
+    assert {d: (d / "checkpoints" / "last.ckpt").stat().st_mtime_ns for d in dirs} == mtimes
+    assert report_path(again) == md
