@@ -609,8 +609,9 @@ def assemble_block_store(path: str | os.PathLike) -> dict:
 
 
 def _random_access(array: np.memmap) -> None:
-    """Training gathers random images: tell the kernel not to read ahead around each one, so resident
-    memory (and disk traffic) stays at the pages actually used."""
+    """Training gathers random images: tell the kernel not to read ahead around each one (disk traffic on a
+    cold page cache). Pages already cached may still be mapped around each access (fault-around), which
+    shows as file-backed, reclaimable RSS, not as private memory."""
     mm = getattr(array, "_mmap", None)
     if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
         with contextlib.suppress(OSError):
