@@ -196,7 +196,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     trainer = pl.Trainer(
         default_root_dir=str(run_dir), max_epochs=cfg.epochs, accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices, strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes,
-        precision=cfg.precision, logger=build_logger(cfg, run_dir, run_dir.name), callbacks=[checkpoint],
+        precision=cfg.precision, logger=build_logger(cfg, run_dir, run_dir.name),
+        # The bar reads the step loss (a device->host sync); refreshing it every log interval keeps GPU steps async.
+        callbacks=[checkpoint, pl.callbacks.TQDMProgressBar(refresh_rate=cfg.trainer.log_every_n_steps)]
+        if cfg.trainer.enable_progress_bar else [checkpoint],
         enable_checkpointing=True, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
         plugins=[AtomicCheckpointIO()], log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_progress_bar=cfg.trainer.enable_progress_bar, enable_model_summary=False,
