@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Checkpoint
 
 from ..data.augment import to_float_nchw
@@ -45,10 +45,9 @@ from ..diffusion.augment import AUGMENT_DIM, AugmentPipe
 from ..diffusion.edm import EDMPrecond, edm_loss
 from ..diffusion.sampler import sample_images
 from ..models.unet import UNET_PRESETS, resolution_pyramid, unet_preset
-from ..utils.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
+from ..utils.io import atomic_path, atomic_torch_save, atomic_write_json
 from .adversarial import step_seed
-from .callbacks import AtomicCheckpointIO
-from .run import ConfigError, build_logger, check_resume
+from .run import ConfigError, check_resume, make_trainer, write_run_files
 
 NETWORK_FORMAT = "robustdiff-edm-network"
 # Fields that define what an EDM run is: resuming with any of them changed is refused.
@@ -406,18 +405,8 @@ def train_edm(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     snapshot = EDMSnapshot(run_dir, desc["snapshot_kimg"], grid_rows=cfg.grid.rows, grid_steps=cfg.grid.steps,
                            grid_seed=cfg.grid.seed, interrupt_after_steps=cfg.get("interrupt_after_steps"),
                            extra={"dataset": desc["dataset"]})
-    trainer = pl.Trainer(
-        default_root_dir=str(run_dir), max_steps=desc["max_steps"], max_epochs=-1,
-        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
-        num_nodes=cfg.trainer.num_nodes, precision=cfg.precision, logger=build_logger(cfg, run_dir, run_dir.name),
-        callbacks=[snapshot], enable_checkpointing=True, num_sanity_val_steps=0, limit_val_batches=0,
-        use_distributed_sampler=False, plugins=[AtomicCheckpointIO()], log_every_n_steps=cfg.trainer.log_every_n_steps,
-        enable_progress_bar=cfg.trainer.enable_progress_bar, enable_model_summary=False,
-    )
-    if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "run.json", desc)
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    trainer = make_trainer(cfg, run_dir, [snapshot], max_steps=desc["max_steps"], max_epochs=-1)
+    write_run_files(trainer, run_dir, desc, cfg)
     resume = snapshot.last_path if snapshot.last_path.is_file() else None
     if resume is not None and trainer.is_global_zero:
         print(f"robustdiff-edm: resuming {run_dir} from {resume}")

@@ -157,6 +157,30 @@ def _wandb_logged_in() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, **kwargs: Any) -> pl.Trainer:
+    """The Trainer every robustdiff job uses: atomic weights-only checkpoints through our callbacks, no
+    Lightning validation loop, our own per-rank data sharding. ``kwargs``: the job's length (max_epochs/steps)."""
+    if cfg.trainer.enable_progress_bar:
+        # The bar reads the step loss (a device->host sync); refreshing it every log interval keeps GPU steps async.
+        callbacks = [*callbacks, pl.callbacks.TQDMProgressBar(refresh_rate=cfg.trainer.log_every_n_steps)]
+    return pl.Trainer(
+        default_root_dir=str(run_dir), accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+        strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes, precision=cfg.precision,
+        logger=build_logger(cfg, run_dir, run_dir.name), callbacks=callbacks, enable_checkpointing=True,
+        num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
+        log_every_n_steps=cfg.trainer.log_every_n_steps, enable_progress_bar=cfg.trainer.enable_progress_bar,
+        enable_model_summary=False, sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm", False)), **kwargs,
+    )
+
+
+def write_run_files(trainer: pl.Trainer, run_dir: Path, desc: dict[str, Any], cfg: DictConfig) -> None:
+    """run.json (what the run is; checked on resume) and the resolved config.yaml, by rank 0."""
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "run.json", desc)
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
 def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     """Train (or resume, or skip if finished) the run in ``run_dir``; returns summary.json's content."""
     run_dir = Path(run_dir)
@@ -193,22 +217,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     )
     module.set_eval_data(dm.val, dm.test)
     checkpoint = RunCheckpoint(run_dir, interrupt_after_steps=cfg.get("interrupt_after_steps"))
-    trainer = pl.Trainer(
-        default_root_dir=str(run_dir), max_epochs=cfg.epochs, accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices, strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes,
-        precision=cfg.precision, logger=build_logger(cfg, run_dir, run_dir.name),
-        # The bar reads the step loss (a device->host sync); refreshing it every log interval keeps GPU steps async.
-        callbacks=[checkpoint, pl.callbacks.TQDMProgressBar(refresh_rate=cfg.trainer.log_every_n_steps)]
-        if cfg.trainer.enable_progress_bar else [checkpoint],
-        enable_checkpointing=True, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
-        plugins=[AtomicCheckpointIO()], log_every_n_steps=cfg.trainer.log_every_n_steps,
-        enable_progress_bar=cfg.trainer.enable_progress_bar, enable_model_summary=False,
-        sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm", False)),
-    )
-    if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "run.json", desc)
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    trainer = make_trainer(cfg, run_dir, [checkpoint], max_epochs=cfg.epochs)
+    write_run_files(trainer, run_dir, desc, cfg)
     resume = checkpoint.last_path if checkpoint.last_path.is_file() else None
     if resume is not None and trainer.is_global_zero:
         print(f"robustdiff: resuming {run_dir} from {resume}")
