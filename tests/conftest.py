@@ -27,6 +27,16 @@ TINY = ("model=wrn-10-1", "batch_size=32", "limit_train=320", "val_size=64", "li
         "eval.steps=3", "eval.batch_size=128", "logger=none", "trainer.enable_progress_bar=false")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second OpenMP thread buys nothing and makes every op wait for a
+    busy core (up to 5x slower under load). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)

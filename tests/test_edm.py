@@ -109,8 +109,8 @@ def test_loss_reduction_sum_over_pixels_mean_over_batch():
     torch.testing.assert_close(loss, want)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_training_steps_decrease_loss():
-    torch.set_num_threads(1)
     net = tiny_net(augment_dim=AUGMENT_DIM)
     net.train()
     data = torch.Generator().manual_seed(0)
@@ -200,8 +200,8 @@ def test_latents_and_labels_depend_only_on_global_index():
     assert labels_for_indices([0, 11, 25], 10).tolist() == [0, 1, 5]
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_generation_is_batch_size_invariant():
-    torch.set_num_threads(1)
     net = tiny_net().eval()
     indices = list(range(64))
     ref_x = None

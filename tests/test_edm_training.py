@@ -33,13 +33,7 @@ def fmnist_available() -> bool:
 needs_data = pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST not installed")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions on a shared 2-core machine: one thread is steadier (and faster) than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(*overrides: str, fast: bool = True):

@@ -51,14 +51,7 @@ AA_ATTACKS = ("apgd-ce", "apgd-t")
 N_AA, AA_BATCH = 16, 4  # small batches: every attack gets more than one
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are tiny: a second OpenMP thread buys nothing, and on a shared 2-core machine it makes
-    # every op wait for a busy core (5x slower under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _to_tensors(images, labels):

@@ -22,12 +22,7 @@ from robustdiff.training.diffusion import network_kwargs, save_network
 N, SHARD = 40, 16  # shards of 16, 16, 8 images
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,20 @@ from torch import nn
 NORMS = ("linf", "l2")
 
 
+def parse_fraction(value: str | float) -> float:
+    """0.0314, "0.0314" or "8/255" -> float (ε and step sizes are written as fractions of 255).
+
+    Raises ValueError for anything else; callers turn it into their own error naming the field.
+    """
+    if isinstance(value, str) and "/" in value:
+        num, _, den = value.replace(" ", "").partition("/")
+        try:
+            return float(num) / float(den)
+        except (ValueError, ZeroDivisionError) as e:
+            raise ValueError(f"{value!r} is not a number or a fraction like 8/255") from e
+    return float(value)
+
+
 @contextlib.contextmanager
 def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
     """Batch statistics are used (in train mode) but running statistics are not updated."""

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adversarial.attacks import NORMS, accuracy_counts, pgd_attack
+from ..adversarial.attacks import NORMS, accuracy_counts, parse_fraction, pgd_attack
 from ..utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -70,17 +70,10 @@ def check_eps(norm: str, eps: float) -> float:
 
 def parse_eps(text: str | float, norm: str) -> float:
     """'8/255', '0.0313725' or a float -> ε for images in [0, 1] (checked by ``check_eps``)."""
-    if isinstance(text, str) and "/" in text:
-        num, _, den = text.partition("/")
-        try:
-            value = float(num) / float(den)
-        except (ValueError, ZeroDivisionError) as e:
-            raise EpsilonError(f"cannot read eps {text!r}: write it as a number or a fraction like 8/255") from e
-    else:
-        try:
-            value = float(text)
-        except ValueError as e:
-            raise EpsilonError(f"cannot read eps {text!r}: write it as a number or a fraction like 8/255") from e
+    try:
+        value = parse_fraction(text)
+    except ValueError as e:
+        raise EpsilonError(f"cannot read eps {text!r}: write it as a number or a fraction like 8/255") from e
     return check_eps(norm, value)
 
 

@@ -7,13 +7,13 @@ import json
 import os
 import re
 import warnings
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from ..adversarial.attacks import parse_fraction
 from ..adversarial.trades import AttackConfig
 from ..data.datamodule import RobustDataModule
 from ..data.datasets import get_info
@@ -38,8 +38,8 @@ class ConfigError(ValueError):
 def parse_number(value: Any, field: str) -> float:
     """Accept 0.0314, "0.0314" or "8/255"."""
     try:
-        return float(Fraction(str(value).replace(" ", ""))) if isinstance(value, str) else float(value)
-    except (ValueError, ZeroDivisionError) as e:
+        return parse_fraction(value)
+    except ValueError as e:
         raise ConfigError(f"{field}={value!r} is not a number (write e.g. 0.0314 or 8/255)") from e
 
 
