@@ -4,6 +4,8 @@
   whose parameters keep ``requires_grad`` (the reference's way).
 - channels_last: the same logits, loss and gradients as the contiguous layout, up to float32 re-association.
 - The EMA as one fused ``torch._foreach_lerp_``: within 1e-7 of the reference's per-parameter loop.
+- bf16 autocast: the outer step's loss and gradients within a stated tolerance of fp32, fp32 weights and losses.
+- ``torch.compile``: the whole TRADES step within float32 round-off of eager.
 - Augmentation of whole batches as tensor ops: the same pixels as torchvision's per-image PIL
   RandomCrop(padding, fill 0) + RandomHorizontalFlip + ToTensor at the same offsets and flips.
 """
@@ -190,3 +192,62 @@ def test_batch_augmentation_offsets_cover_the_padding():
     # A crop at the far corner shows two zero rows and columns; every offset 0..4 occurs in a large batch.
     zero_rows = {int((o[0].sum(1) == 0).sum()) for o in out}
     assert zero_rows == {0, 1, 2}
+
+
+# ---------------------------------------------------------------------------------------------- bf16 autocast
+# bf16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4%); a 10-layer network accumulates a few of those.
+# Stated tolerance for the outer TRADES step at a fixed x_adv: loss within 0.5%, every parameter gradient at
+# cosine ≥ 0.995 to the fp32 one (measured: 7e-5 and 0.9998). Weights, optimiser and the CE/KL reductions stay fp32.
+BF16_LOSS_RTOL, BF16_GRAD_COS = 5e-3, 0.995
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def test_bf16_autocast_trades_step_within_tolerance_of_fp32():
+    fp32 = small_wrn(3).train()
+    bf16 = copy.deepcopy(fp32)
+    x, y = batch(n=32, channels=3, size=32)
+    x_adv = (x + 0.03 * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(2)))).clamp(0, 1)
+    loss32, _ = trades_loss_at(fp32, x, x_adv, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = bf16(x)
+        assert logits.dtype == torch.bfloat16  # autocast is really on: the network runs in bf16
+        assert kl_batchmean(logits, logits).dtype == torch.float32  # the reductions are fp32
+        loss16, _ = trades_loss_at(bf16, x, x_adv, y)
+    assert loss16.dtype == torch.float32
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in bf16.parameters())
+    assert _rel(loss16, loss32) < BF16_LOSS_RTOL
+    for (name, p32), p16 in zip(fp32.named_parameters(), bf16.parameters()):
+        assert _cos(p16.grad, p32.grad) >= BF16_GRAD_COS, name
+    assert not torch.equal(loss16, loss32)  # bf16 really changed the arithmetic
+
+
+# ---------------------------------------------------------------------------------------------- torch.compile
+# Inductor fuses and reorders float32 arithmetic: round-off only, but the attack takes sign(grad), so an input
+# gradient within round-off of zero may flip one pixel's step. Stated tolerance: the whole TRADES step (attack
+# included) gives the same loss to 1e-5 relative and every parameter gradient at cosine ≥ 0.99999
+# (measured: 2e-7 and 1 − 5e-9).
+COMPILE_LOSS_RTOL, COMPILE_GRAD_COS = 1e-5, 0.99999
+
+
+def test_compiled_trades_step_matches_eager():
+    eager = small_wrn().train()
+    plain = copy.deepcopy(eager)
+    compiled = torch.compile(plain)
+    x, y = batch(n=16)
+    cfg = AttackConfig("linf", 8 / 255, 2 / 255, 2)
+    outs = []
+    for model in (eager, compiled):
+        out = trades_loss(model, x, y, cfg, generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        outs.append(out)
+    assert _rel(outs[1].loss.detach(), outs[0].loss.detach()) < COMPILE_LOSS_RTOL
+    for (name, pe), pc in zip(eager.named_parameters(), plain.parameters()):
+        assert _cos(pc.grad, pe.grad) >= COMPILE_GRAD_COS, name
+    for be, bc in zip(eager.buffers(), plain.buffers()):  # BN running statistics, updated once by the outer step
+        assert _rel(bc.float(), be.float()) < COMPILE_LOSS_RTOL
+    # The attack ran with parameters frozen and BN statistics untouched, and the switches were restored.
+    assert all(p.requires_grad for p in plain.parameters())
+    assert all(m.track_running_stats for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d))

@@ -1,6 +1,7 @@
 """End-to-end TRADES runs on real Fashion-MNIST, resume exactness, configs and bad input."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,7 @@ def test_unknown_choice_lists_options():
     ("norm.eps=8", "8/255"), ("batch_size=0", "batch_size"), ("epochs=0", "epochs"),
     ("label_smoothing=1.5", "label_smoothing"), ("beta=-1", "beta"), ("norm.steps=0", "steps"),
     ("norm.eps=abc", "not a number"), ("ratio=1.5", "ratio"), ("trainer=ddp", "divisible"),
+    ("precision=fp16", "precision"), ("compile=fast", "compile"),
 ])
 def test_bad_values_fail_before_training(tmp_path, override, match):
     extra = ["batch_size=33"] if override == "trainer=ddp" else []
@@ -127,9 +129,21 @@ def test_run_names_are_deterministic():
     assert len(long) <= 120 and long == run_name(None, "x=" + "a" * 300)
 
 
-def test_bf16_mixed_precision_runs(tmp_path, tiny_overrides):
-    """precision=bf16-mixed (meant for GPUs) autocasts the attack and the step; the losses stay finite."""
-    summary = train(compose_train(*tiny_overrides, "epochs=1", "precision=bf16-mixed"), tmp_path / "bf16")
-    history = json.loads((tmp_path / "bf16" / "history.json").read_text())
-    assert summary["finished"] and all(map(lambda v: v == v, (history[0]["train_loss"], history[0]["train_loss_robust"])))
-    assert 0.0 <= history[0]["test_clean_acc"] <= 1.0
+def test_fast_path_bf16_channels_last_compile_trains(tmp_path, tiny_overrides):
+    """precision=bf16-mixed + channels_last + compile: the attack and the step run autocast in the compiled
+    network; the checkpoints keep the plain key layout (no ``_orig_mod.``) and the EMA model stays fp32."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    run = tmp_path / "fast"
+    summary = train(compose_train(*tiny_overrides, "epochs=1", "precision=bf16-mixed", "channels_last=true",
+                                  "compile=true"), run)
+    history = json.loads((run / "history.json").read_text())
+    assert summary["finished"] and all(map(math.isfinite, (history[0]["train_loss"], history[0]["train_loss_robust"])))
+    assert counters["stats"]["unique_graphs"] >= 2  # the training network really was compiled (attack + step)
+    state = torch.load(run / "model.pt", weights_only=True)
+    assert not any("_orig_mod" in k for k in state) and "init_conv.weight" in state
+    assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not any("_orig_mod" in k for k in ckpt["state_dict"])
+    assert json.loads((run / "run.json").read_text())["precision"] == "bf16-mixed"

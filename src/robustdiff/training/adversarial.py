@@ -67,6 +67,7 @@ class AdversarialTraining(pl.LightningModule):
         test_loss: str = "ce",
         test_every: int = 25,
         channels_last: bool = False,
+        compile: bool | str = False,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -84,6 +85,12 @@ class AdversarialTraining(pl.LightningModule):
         self.eval_batch_size, self.eval_steps = eval_batch_size, eval_steps
         self.val_loss, self.test_loss, self.test_every = val_loss, test_loss, test_every
         self.channels_last = channels_last
+        if compile not in (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            raise ValueError(f"compile must be false, true or a torch.compile mode, got {compile!r}")
+        self.compile = compile
+        # The compiled wrapper shares the model's parameters; kept in a tuple so that it is not registered as a
+        # submodule (the checkpoint keeps the plain key layout).
+        self._compiled: tuple[nn.Module, ...] = ()
         # State a resumed run needs beyond weights/optimiser (saved in on_save_checkpoint).
         self.history: list[dict[str, Any]] = []
         self.best_score = -math.inf
@@ -126,17 +133,31 @@ class AdversarialTraining(pl.LightningModule):
         return batch
 
     # ------------------------------------------------------------------ training
+    def train_model(self) -> nn.Module:
+        """The network the training step calls: the model itself, or its ``torch.compile`` wrapper.
+
+        The attack's BN-freezing and input-gradient-only switches change module attributes, so the
+        compiled model holds a few graphs (attack, outer step, first step with BN momentum 1).
+        """
+        if not self.compile:
+            return self.model
+        if not self._compiled:
+            mode = None if self.compile is True else self.compile
+            self._compiled = (torch.compile(self.model, mode=mode),)
+        return self._compiled[0]
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x, y, g = batch["x"], batch["label"], batch["generator"]
+        model = self.train_model()
         first_step = self.global_step == 0
         if first_step:
             set_bn_momentum(self.model, 1.0)  # running statistics start from the first batch
         if self.loss_name == "trades":
-            out = trades_loss(self.model, x, y, self.attack, beta=self.beta,
+            out = trades_loss(model, x, y, self.attack, beta=self.beta,
                               label_smoothing=self.label_smoothing, generator=g, index=batch["position"],
                               total=batch["global_size"])
         else:
-            out = pgd_at_loss(self.model, x, y, self.attack, label_smoothing=self.label_smoothing, generator=g)
+            out = pgd_at_loss(model, x, y, self.attack, label_smoothing=self.label_smoothing, generator=g)
         if first_step:
             set_bn_momentum(self.model, 0.01)
         with torch.no_grad():

@@ -92,6 +92,12 @@ def validate(cfg: DictConfig) -> AttackConfig:
     need(isinstance(cfg.eval.steps, int) and cfg.eval.steps >= 1, f"eval.steps={cfg.eval.steps!r} must be >= 1")
     need(isinstance(cfg.eval.test_every, int) and cfg.eval.test_every >= 1,
          f"eval.test_every={cfg.eval.test_every!r} must be >= 1")
+    precisions = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
+    need(str(cfg.precision) in precisions, f"precision={cfg.precision!r}: choose one of {', '.join(precisions)} "
+         "(32-true is the reference; bf16-mixed autocasts the network and keeps fp32 weights and losses)")
+    modes = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    need(cfg.get("compile", False) in modes, f"compile={cfg.get('compile')!r}: choose false, true or a torch.compile "
+         "mode (default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")
     devices = cfg.trainer.devices
     world = (devices if isinstance(devices, int) and devices > 0 else 1) * int(cfg.trainer.num_nodes)
     need(cfg.batch_size % world == 0, f"batch_size={cfg.batch_size} must be divisible by the {world} DDP processes")
@@ -109,6 +115,8 @@ def describe(cfg: DictConfig, attack: AttackConfig, n_generated: int) -> dict[st
         "ratio": float(cfg.ratio) if cfg.generated else 1.0, "generated_sampling": cfg.generated_sampling,
         "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": float(cfg.lr), "beta": float(cfg.beta),
         "seed": cfg.seed, "limit_train": cfg.limit_train, "val_size": cfg.val_size,
+        "eval": {"steps": int(cfg.eval.steps), "val_loss": cfg.eval.val_loss, "test_loss": cfg.eval.test_loss},
+        "precision": str(cfg.precision),
     }
 
 
@@ -213,7 +221,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         ema_warmup=float(cfg.ema_warmup), augmentation=info.augmentation, crop_padding=info.crop_padding,
         seed=cfg.seed, eval_batch_size=cfg.eval.batch_size, eval_steps=cfg.eval.steps,
         val_loss=cfg.eval.val_loss, test_loss=cfg.eval.test_loss, test_every=cfg.eval.test_every,
-        channels_last=bool(cfg.channels_last),
+        channels_last=bool(cfg.channels_last), compile=cfg.get("compile", False),
     )
     module.set_eval_data(dm.val, dm.test)
     checkpoint = RunCheckpoint(run_dir, interrupt_after_steps=cfg.get("interrupt_after_steps"))
