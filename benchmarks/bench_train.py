@@ -1,18 +1,22 @@
 """TRADES training throughput: our Lightning loop against a plain-PyTorch loop and a reference-style loop.
 
-Three loops train the same WideResNet (same initial weights) on the same Fashion-MNIST batches:
+Four loops train the same WideResNet (same initial weights) on the same Fashion-MNIST batches:
 
-- ``ours``:      ``AdversarialTraining`` + ``RobustDataModule`` in a Lightning ``Trainer`` set up as
-                 ``robustdiff.training.run.train`` sets it up (logger and progress bar off).
-- ``plain``:     the same step written as a bare PyTorch loop: batch augmentation on tensors
-                 (``data.augment``), ``trades_loss``, SGD, the fused EMA update. Its distance to
-                 ``ours`` is the framework's overhead.
-- ``reference``: the step written the way the reference trains (SPEC §5, §10): per-image PIL
-                 RandomCrop + RandomHorizontalFlip + ToTensor in a 2-worker DataLoader fed by a
-                 reference-style batch sampler, a straightforward TRADES (``model.train()``, BN
-                 tracking toggled by hand, a clean forward with autograd on for p_nat, parameters
-                 keeping ``requires_grad`` during the attack, ``.item()`` metrics every step) and the
-                 EMA as a Python loop over parameters.
+- ``ours``:       ``AdversarialTraining`` + ``RobustDataModule`` in a Lightning ``Trainer`` set up as
+                  ``robustdiff.training.run.train`` sets it up (logger and progress bar off), in the fast
+                  configuration: ``--precision`` (default ``auto``: bf16-mixed where the hardware has bf16
+                  units — AMX CPUs, Ampere+ GPUs), channels_last, optionally ``--compile``.
+- ``plain``:      the same step, same settings, written as a bare PyTorch loop: batch augmentation on tensors
+                  (``data.augment``), ``trades_loss`` under autocast, SGD, the fused EMA update. Its distance to
+                  ``ours`` is the framework's overhead.
+- ``plain-fp32``: ``plain`` in float32 with the contiguous layout (the faithful ``precision=32-true`` default):
+                  its distance to ``plain`` is what bf16 + channels_last buy.
+- ``reference``:  the step written the way the reference trains (SPEC §5, §10): fp32, per-image PIL
+                  RandomCrop + RandomHorizontalFlip + ToTensor in a 2-worker DataLoader fed by a
+                  reference-style batch sampler, a straightforward TRADES (``model.train()``, BN
+                  tracking toggled by hand, a clean forward with autograd on for p_nat, parameters
+                  keeping ``requires_grad`` during the attack, ``.item()`` metrics every step) and the
+                  EMA as a Python loop over parameters.
 
 The loops run interleaved step by step in one process (a callback in our Trainer runs one step of
 each other loop after each of ours), so a busy machine slows all of them alike; the first steps
@@ -20,13 +24,14 @@ are warm-up. A step's time covers the data, augmentation, attack, update, EMA an
 are reported. The reference's workers prefetch while the other loops compute, as they would
 while the reference itself computes.
 
-    python benchmarks/bench_train.py                        # WRN-10-1, batch 128, TRADES-10: ~2 min on 2 cores
-    python benchmarks/bench_train.py --model wrn-10-2 --steps 5 --timed 20 --out bench_train.json
+    python benchmarks/bench_train.py                        # WRN-10-2, batch 128, TRADES-10: ~2.5 min on 2 cores
+    python benchmarks/bench_train.py --model wrn-10-1 --precision 32-true --no-channels-last --out bench_train.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -49,6 +54,7 @@ from robustdiff.models.wrn import bn_parameter_names, build_wrn
 from robustdiff.training.adversarial import AdversarialTraining, make_generator, step_seed
 from robustdiff.training.callbacks import AtomicCheckpointIO, RunCheckpoint
 from robustdiff.training.ema import EMA
+from robustdiff.utils.hardware import resolve_precision
 
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
@@ -102,12 +108,12 @@ def fit_ours(model: nn.Module, args, attack: AttackConfig, run_dir: Path, callba
     module = AdversarialTraining(
         model, attack, epochs=10, iterations_per_epoch=dm.iterations_per_epoch, beta=args.beta,
         lr=args.lr, augmentation=info.augmentation, crop_padding=info.crop_padding, seed=0,
-        eval_batch_size=16, eval_steps=1, channels_last=args.channels_last,
+        eval_batch_size=16, eval_steps=1, channels_last=args.channels_last, compile=args.compile,
     )
     module.set_eval_data(dm.val, dm.test)
     trainer = pl.Trainer(
         default_root_dir=str(run_dir), max_steps=n, max_epochs=None, accelerator="cpu", devices=1,
-        precision="32-true", logger=False, callbacks=[RunCheckpoint(run_dir), callback],
+        precision=args.precision, logger=False, callbacks=[RunCheckpoint(run_dir), callback],
         enable_checkpointing=True, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
         plugins=[AtomicCheckpointIO()], log_every_n_steps=10, enable_progress_bar=False,
         enable_model_summary=False,
@@ -117,9 +123,12 @@ def fit_ours(model: nn.Module, args, attack: AttackConfig, run_dir: Path, callba
 
 # ---------------------------------------------------------------------------------------------- plain
 class PlainLoop:
-    def __init__(self, model: nn.Module, args, attack: AttackConfig, images: torch.Tensor, labels: torch.Tensor):
-        self.model = model.to(memory_format=torch.channels_last) if args.channels_last else model
+    def __init__(self, model: nn.Module, args, attack: AttackConfig, images: torch.Tensor, labels: torch.Tensor,
+                 precision: str = "32-true", channels_last: bool = False, compile: bool = False):
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
         self.model.train()
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.bf16 = precision == "bf16-mixed"
         self.opt = sgd(self.model, args.lr)
         self.ema = EMA(self.model, warmup_steps=0.025 * 10 * len(images) // args.batch)
         self.images, self.labels, self.batch = images, labels, args.batch
@@ -134,8 +143,10 @@ class PlainLoop:
         idx = self.perm[i * self.batch:(i + 1) * self.batch]
         g = make_generator(torch.device("cpu"), step_seed(0, 0, 0, self.step_count))
         x = augment_batch(to_float_nchw(self.images[idx]), "crop_flip", self.padding, g)
-        out = trades_loss(self.model, x, self.labels[idx], self.attack, beta=self.beta, label_smoothing=0.1,
-                          generator=g)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with autocast:
+            out = trades_loss(self.forward, x, self.labels[idx], self.attack, beta=self.beta, label_smoothing=0.1,
+                              generator=g)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         self.opt.step()
@@ -288,16 +299,21 @@ class ReferenceLoop:
 # ---------------------------------------------------------------------------------------------- main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="wrn-10-1")
+    p.add_argument("--model", default="wrn-10-2")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="TRADES attack steps K")
     p.add_argument("--beta", type=float, default=5.0)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each loop")
-    p.add_argument("--timed", type=int, default=10, help="timed steps of each loop")
-    p.add_argument("--loops", default="ours,plain,reference", help="ours always runs; plain, reference optional")
+    p.add_argument("--timed", type=int, default=8, help="timed steps of each loop")
+    p.add_argument("--loops", default="ours,plain,plain-fp32,reference",
+                   help="ours always runs; plain, plain-fp32, reference optional")
     p.add_argument("--workers", type=int, default=2, help="reference DataLoader workers")
-    p.add_argument("--channels-last", action="store_true", help="ours and plain in channels_last")
+    p.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"],
+                   help="ours and plain (auto: bf16-mixed where the CPU has AMX / AVX512-BF16)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="ours and plain in channels_last")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network in ours and plain")
     # One thread: on a shared 2-core machine two OpenMP threads spin-wait on each other (a TRADES step
     # measured 5× slower with 2 than with 1 while another job ran); the reference's workers get the other core.
     p.add_argument("--threads", type=int, default=1, help="torch threads (0 = PyTorch's default)")
@@ -306,6 +322,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     loops_wanted = args.loops.split(",")
+    args.precision = resolve_precision(args.precision, "cpu")
 
     info = get_info(DATASET)
     attack = AttackConfig("linf", 8 / 255, 2 / 255, args.steps)
@@ -315,7 +332,11 @@ def main() -> None:
                      mean=info.mean, std=info.std)
     others = {}
     if "plain" in loops_wanted:
-        others["plain"] = PlainLoop(copy.deepcopy(init), args, attack, torch.from_numpy(images), torch.from_numpy(labels))
+        others["plain"] = PlainLoop(copy.deepcopy(init), args, attack, torch.from_numpy(images), torch.from_numpy(labels),
+                                    args.precision, args.channels_last, args.compile)
+    if "plain-fp32" in loops_wanted:
+        others["plain-fp32"] = PlainLoop(copy.deepcopy(init), args, attack, torch.from_numpy(images),
+                                         torch.from_numpy(labels))
     if "reference" in loops_wanted:
         others["reference"] = ReferenceLoop(copy.deepcopy(init), args, attack, images, labels)
     callback = Interleave(others)
@@ -334,13 +355,17 @@ def main() -> None:
         med = statistics.median(t)
         rows.append({"loop": name, "steps_timed": len(t), "median_s_per_step": med, "mean_s_per_step": statistics.fmean(t),
                      "images_per_s": args.batch / med, "ours_speedup": med / base, "times_s": t})
-    print(f"\nTRADES-{args.steps} β={args.beta:g}, {args.model}, batch {args.batch}, {DATASET} 28×28×1, fp32, "
-          f"{torch.get_num_threads()} threads, channels_last={args.channels_last}; medians of {args.timed} steps, "
-          f"loops interleaved step by step")
-    print(f"{'loop':<10} {'steps':>5} {'s/step':>8} {'img/s':>8} {'ours is ×':>10}")
+    fast = f"{args.precision}{', channels_last' if args.channels_last else ''}{', compile' if args.compile else ''}"
+    settings = {"ours": fast, "plain": fast, "plain-fp32": "32-true", "reference": "32-true, PIL workers"}
+    for r in rows:
+        r["settings"] = settings[r["loop"]]
+    print(f"\nTRADES-{args.steps} β={args.beta:g}, {args.model}, batch {args.batch}, {DATASET} 28×28×1, "
+          f"{torch.get_num_threads()} threads; medians of {args.timed} steps, loops interleaved step by step")
+    print(f"{'loop':<11} {'settings':<34} {'steps':>5} {'s/step':>8} {'img/s':>8} {'ours is ×':>10}")
     for r in rows:
         sp = f"{r['ours_speedup']:.3f}"
-        print(f"{r['loop']:<10} {r['steps_timed']:>5} {r['median_s_per_step']:>8.3f} {r['images_per_s']:>8.1f} {sp:>10}")
+        print(f"{r['loop']:<11} {r['settings']:<34} {r['steps_timed']:>5} {r['median_s_per_step']:>8.3f} "
+              f"{r['images_per_s']:>8.1f} {sp:>10}")
     result = {"config": vars(args), "rows": rows}
     if fetch:
         result["ours_fetch_median_s"] = statistics.median(fetch)
@@ -354,9 +379,17 @@ def main() -> None:
     if "ours" in by and "reference" in by:
         ratio = by["ours"]["images_per_s"] / by["reference"]["images_per_s"]
         checks.append(("ours / reference throughput", ratio, 2.0))
+    if "plain" in by and "plain-fp32" in by:
+        ratio = by["plain"]["images_per_s"] / by["plain-fp32"]["images_per_s"]
+        checks.append((f"plain {fast} / plain fp32", ratio, None))
+    if "plain-fp32" in by and "reference" in by:
+        ratio = by["plain-fp32"]["images_per_s"] / by["reference"]["images_per_s"]
+        checks.append(("plain fp32 / reference (fp32 step + data path)", ratio, None))
     for label, ratio, target in checks:
-        print(f"{label}: {ratio:.3f} (target ≥ {target:g}: {'met' if ratio >= target else 'NOT met'})")
-    result["checks"] = [{"check": c, "ratio": r, "target": t, "met": r >= t} for c, r, t in checks]
+        verdict = "" if target is None else f" (target ≥ {target:g}: {'met' if ratio >= target else 'NOT met'})"
+        print(f"{label}: {ratio:.3f}{verdict}")
+    result["checks"] = [{"check": c, "ratio": r, "target": t, "met": None if t is None else r >= t}
+                        for c, r, t in checks]
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 

@@ -18,6 +18,7 @@ from ..adversarial.trades import AttackConfig
 from ..data.datamodule import RobustDataModule
 from ..data.datasets import get_info
 from ..models.wrn import WideResNet
+from ..utils.hardware import resolve_precision
 from ..utils.io import atomic_write_json, atomic_write_text
 from .adversarial import AdversarialTraining
 from .callbacks import AtomicCheckpointIO, RunCheckpoint, fmt_acc
@@ -92,9 +93,10 @@ def validate(cfg: DictConfig) -> AttackConfig:
     need(isinstance(cfg.eval.steps, int) and cfg.eval.steps >= 1, f"eval.steps={cfg.eval.steps!r} must be >= 1")
     need(isinstance(cfg.eval.test_every, int) and cfg.eval.test_every >= 1,
          f"eval.test_every={cfg.eval.test_every!r} must be >= 1")
-    precisions = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
+    precisions = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "auto")
     need(str(cfg.precision) in precisions, f"precision={cfg.precision!r}: choose one of {', '.join(precisions)} "
-         "(32-true is the reference; bf16-mixed autocasts the network and keeps fp32 weights and losses)")
+         "(32-true is the reference; bf16-mixed autocasts the network and keeps fp32 weights and losses; auto picks "
+         "bf16-mixed where the hardware has bf16 units)")
     modes = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     need(cfg.get("compile", False) in modes, f"compile={cfg.get('compile')!r}: choose false, true or a torch.compile "
          "mode (default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")
@@ -173,7 +175,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, **kwargs: Any)
         callbacks = [*callbacks, pl.callbacks.TQDMProgressBar(refresh_rate=cfg.trainer.log_every_n_steps)]
     return pl.Trainer(
         default_root_dir=str(run_dir), accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
-        strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes, precision=cfg.precision,
+        strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes,
+        precision=resolve_precision(str(cfg.precision), str(cfg.trainer.accelerator)),
         logger=build_logger(cfg, run_dir, run_dir.name), callbacks=callbacks, enable_checkpointing=True,
         num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
         log_every_n_steps=cfg.trainer.log_every_n_steps, enable_progress_bar=cfg.trainer.enable_progress_bar,
@@ -193,6 +196,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     """Train (or resume, or skip if finished) the run in ``run_dir``; returns summary.json's content."""
     run_dir = Path(run_dir)
     attack = validate(cfg)
+    cfg.precision = resolve_precision(str(cfg.precision), str(cfg.trainer.accelerator))  # run.json records the choice
     info = get_info(cfg.dataset.name)
     dm = RobustDataModule(
         info.name, cfg.batch_size, data_dir=cfg.data_dir, download=cfg.download, generated=cfg.generated,
