@@ -173,3 +173,72 @@ def test_cli(network, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         main()
     assert exit_.value.code == 2 and "not a multiple" in capsys.readouterr().err
+
+
+def test_shards_are_written_on_a_background_thread(network, tmp_path, monkeypatch):
+    """Shard b is written by the writer thread while the main thread samples shard b+1."""
+    import threading
+
+    import robustdiff.cli.generate as gen
+    from robustdiff.diffusion import sampler
+
+    real_write, real_sample = gen.write_block, sampler.sample_images
+    writes, sample_threads = [], set()
+    sampling_shard_1 = threading.Event()
+
+    def recording_write(target, block, images, labels):
+        # Shard 0's write waits (bounded) until the main thread samples shard 1: it only returns True if they overlap.
+        overlapped = sampling_shard_1.wait(timeout=60) if block == 0 else None
+        writes.append((block, threading.current_thread().name, overlapped))
+        real_write(target, block, images, labels)
+
+    def recording_sample(net, indices, *args, **kwargs):
+        sample_threads.add(threading.current_thread().name)
+        if SHARD <= indices[0] < 2 * SHARD:
+            sampling_shard_1.set()
+        return real_sample(net, indices, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "write_block", recording_write)
+    monkeypatch.setattr(sampler, "sample_images", recording_sample)  # run_generation imports it at call time
+    generate(config(network, tmp_path / "s"))
+    assert [w[0] for w in writes] == [0, 1, 2]
+    assert all(w[1].startswith("shard-writer") for w in writes)
+    assert writes[0][2] is True  # shard 0 was being written while shard 1 sampled
+    assert sample_threads == {threading.main_thread().name}
+    assert verify_store(tmp_path / "s") == []
+
+
+def test_a_failed_shard_write_stops_the_job_and_keeps_earlier_shards(network, tmp_path, monkeypatch):
+    import robustdiff.cli.generate as gen
+    from robustdiff.data.store import finished_blocks
+
+    real = gen.write_block
+
+    def failing_write(target, block, images, labels):
+        if block == 1:
+            raise OSError(28, "No space left on device")
+        real(target, block, images, labels)
+
+    monkeypatch.setattr(gen, "write_block", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        generate(config(network, tmp_path / "s"))
+    assert list(finished_blocks(tmp_path / "s")) == [0]
+    monkeypatch.setattr(gen, "write_block", real)
+    generate(config(network, tmp_path / "s"))  # the rerun finishes the store
+    generate(config(network, tmp_path / "ref"))
+    assert store_bytes(tmp_path / "s") == store_bytes(tmp_path / "ref")
+
+
+def test_compiled_network_gives_the_same_images(network, tmp_path):
+    """compile=true compiles the U-Net: float32 round-off only, so a pixel may move by one uint8 level."""
+    from torch._dynamo.utils import counters
+
+    generate(config(network, tmp_path / "eager"))
+    counters.clear()
+    generate(config(network, tmp_path / "compiled", "compile=true"))
+    assert counters["stats"]["unique_graphs"] >= 1  # the U-Net really ran compiled
+    xa, ya = GeneratedStore(tmp_path / "eager").get(np.arange(N))
+    xb, yb = GeneratedStore(tmp_path / "compiled").get(np.arange(N))
+    np.testing.assert_array_equal(ya, yb)
+    diff = np.abs(xa.astype(int) - xb.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3

@@ -149,6 +149,9 @@ def plan(cfg: dict, num_classes: int) -> dict[str, Any]:
             raise GenerationError(f"{key}={cfg[key]!r} must be a positive integer")
     if not isinstance(cfg["seed"], int) or not 0 <= cfg["seed"] < 2 ** 63:
         raise GenerationError(f"seed={cfg['seed']!r} must be an integer in [0, 2**63)")
+    if cfg.get("compile", False) not in (False, True, "default", "reduce-overhead", "max-autotune",
+                                         "max-autotune-no-cudagraphs"):
+        raise GenerationError(f"compile={cfg.get('compile')!r}: choose false, true or a torch.compile mode")
     if cfg["precision"] not in ("fp32", "bf16"):
         raise GenerationError(f"precision={cfg['precision']!r}: choose fp32 or bf16")
     out = Path(cfg["out"])
@@ -217,6 +220,46 @@ def _confidence(classifier, images: np.ndarray, labels: np.ndarray, batch_size: 
     return out
 
 
+class ShardWriter:
+    """Writes finished shards on one background thread while the next shard is sampled.
+
+    At most one write is pending (memory: the shard being written plus the one being sampled). A write's
+    error is raised by the next ``submit`` or by ``close``; ``close`` (in a ``finally``) waits for the pending
+    write, so an interrupted job still leaves every sampled shard complete on disk."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._pending = None
+
+    def submit(self, fn, *args) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _write_shard(target: Path, block: int, images: np.ndarray | None, labels: np.ndarray | None,
+                 scores: np.ndarray | None) -> None:
+    """The block's images and labels (unless already on disk), then its classifier scores: a scores file never
+    exists without its block."""
+    if images is not None:
+        write_block(target, block, images, labels)
+    if scores is not None:
+        with atomic_path(_scores_path(target, block)) as tmp:
+            scores.tofile(tmp)
+
+
 def run_generation(fabric, cfg: dict) -> dict | None:
     """Body of one process (rank). Returns the final manifest on rank 0, None when stopped early."""
     from tqdm import tqdm
@@ -245,6 +288,10 @@ def run_generation(fabric, cfg: dict) -> dict | None:
     target: Path = job["target"]
     autocast = torch.bfloat16 if cfg["precision"] == "bf16" else None
     sampler_kwargs = _sampler_kwargs(cfg)
+    if cfg.get("compile"):
+        # Only the U-Net: the preconditioning and the float64 solver stay eager. Sampling only, nothing is saved.
+        mode = None if cfg["compile"] is True else cfg["compile"]
+        net.model = torch.compile(net.model, mode=mode, dynamic=False)
 
     # Rank 0 creates (or checks) the store; every rank then takes its share of the missing shards.
     pending: list[int] | Exception = []
@@ -272,31 +319,37 @@ def run_generation(fabric, cfg: dict) -> dict | None:
     start_time = time.perf_counter()
     written = 0
     on_disk = set(finished_blocks(target)) if mine else set()
-    with bar:
-        for b in mine:
-            a, z = ranges[b]
-            if b in on_disk:  # images on disk, only the scores are missing
-                images = np.fromfile(target / f"shard-{b:05d}.images.u8", dtype=np.uint8).reshape(z - a, *shape)
-                labels = np.fromfile(target / f"shard-{b:05d}.labels.i64", dtype="<i8")
-                bar.update(z - a)
-            else:
-                parts, label_parts = [], []
-                for s in range(a, z, cfg["batch_size"]):  # batches aligned to the shard: same bytes on resume
-                    x, y = sample_images(net, range(s, min(s + cfg["batch_size"], z)), K, seed=cfg["seed"],
-                                         num_steps=cfg["steps"], batch_size=cfg["batch_size"], device=device,
-                                         autocast_dtype=autocast, **sampler_kwargs)
-                    parts.append(x)
-                    label_parts.append(y)
-                    bar.update(len(y))
-                images, labels = np.concatenate(parts), np.concatenate(label_parts)
-                write_block(target, b, images, labels)
-            if classifier is not None:
-                scores = _confidence(classifier, images, labels, cfg["classifier_batch_size"], device)
-                with atomic_path(_scores_path(target, b)) as tmp:
-                    scores.tofile(tmp)
-            written += 1
-            if cfg["stop_after_shards"] is not None and written >= cfg["stop_after_shards"]:
-                break
+    writer = ShardWriter()  # shard b is written while shard b+1 samples
+    try:
+        with bar:
+            for b in mine:
+                a, z = ranges[b]
+                if b in on_disk:  # images on disk, only the scores are missing
+                    images = np.fromfile(target / f"shard-{b:05d}.images.u8", dtype=np.uint8).reshape(z - a, *shape)
+                    labels = np.fromfile(target / f"shard-{b:05d}.labels.i64", dtype="<i8")
+                    bar.update(z - a)
+                else:
+                    parts, label_parts = [], []
+                    for s in range(a, z, cfg["batch_size"]):  # batches aligned to the shard: same bytes on resume
+                        x, y = sample_images(net, range(s, min(s + cfg["batch_size"], z)), K, seed=cfg["seed"],
+                                             num_steps=cfg["steps"], batch_size=cfg["batch_size"], device=device,
+                                             autocast_dtype=autocast, **sampler_kwargs)
+                        parts.append(x)
+                        label_parts.append(y)
+                        bar.update(len(y))
+                    images, labels = np.concatenate(parts), np.concatenate(label_parts)
+                scores = None
+                if classifier is not None:
+                    scores = _confidence(classifier, images, labels, cfg["classifier_batch_size"], device)
+                if b in on_disk:
+                    writer.submit(_write_shard, target, b, None, None, scores)
+                else:
+                    writer.submit(_write_shard, target, b, images, labels, scores)
+                written += 1
+                if cfg["stop_after_shards"] is not None and written >= cfg["stop_after_shards"]:
+                    break
+    finally:
+        writer.close()
     elapsed = time.perf_counter() - start_time
     stopped = fabric.all_reduce(torch.tensor(float(written < len(mine)), device=device), reduce_op="max")
     fabric.barrier()
