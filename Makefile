@@ -34,7 +34,9 @@ demo: install data
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 
-bench: bench-train bench-data bench-edm bench-eval
+# Every benchmark, then one table of the headline figures (ARGS: --quick, --only train,edm, --out FILE).
+bench: install data
+	$(PY) benchmarks/run_all.py $(ARGS)
 
 bench-data: install
 	$(PY) benchmarks/bench_data.py $(ARGS)
