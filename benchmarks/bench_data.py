@@ -154,10 +154,10 @@ def phase_ours(a) -> None:
 
     torch.set_num_threads(1)  # one core for the pipeline, like one loader process
     try:
-        from robustdiff.data.augment import augment_batch, to_float_nchw
+        from robustdiff.data.augment import augment_images
 
         def augment(x_uint8: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-            return augment_batch(to_float_nchw(x_uint8), "crop_flip", padding=4, generator=g)
+            return augment_images(x_uint8, "crop_flip", padding=4, generator=g)  # what the training step runs
     except ImportError:  # stand-in until robustdiff.data.augment exists
         import torch.nn.functional as F
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustdiff.adversarial.trades import AttackConfig, trades_loss
-from robustdiff.data.augment import augment_batch, to_float_nchw
+from robustdiff.data.augment import augment_images
 from robustdiff.data.datamodule import RobustDataModule
 from robustdiff.data.datasets import get_info, load_split
 from robustdiff.models.wrn import bn_parameter_names, build_wrn
@@ -142,7 +142,7 @@ class PlainLoop:
         i = self.step_count % (len(self.images) // self.batch)
         idx = self.perm[i * self.batch:(i + 1) * self.batch]
         g = make_generator(torch.device("cpu"), step_seed(0, 0, 0, self.step_count))
-        x = augment_batch(to_float_nchw(self.images[idx]), "crop_flip", self.padding, g)
+        x = augment_images(self.images[idx], "crop_flip", self.padding, g)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with autocast:
             out = trades_loss(self.forward, x, self.labels[idx], self.attack, beta=self.beta, label_smoothing=0.1,

@@ -134,7 +134,7 @@ def train_run(run_dir: Path, data, *, name: str, seed: int, epochs: int, steps_p
     run = {"name": name, "dataset": DATASET, "data_dir": None, "model": {"name": "wrn-10-1", "depth": 10, "width": 1},
            "num_classes": 10, "in_channels": 1, "norm": {"name": "linf", "eps": EPS, "step": EPS / 4, "steps": 3},
            "generated": None, "n_generated": 0, "ratio": 1.0, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-           "beta": 5.0, "seed": seed}
+           "beta": 5.0, "seed": seed, "eval": {"steps": 5, "val_loss": "cw", "test_loss": "ce"}}
     atomic_write_json(run_dir / "run.json", run)
     atomic_write_text(run_dir / "config.yaml", f"name: {name}\nseed: {seed}\n")
     atomic_write_json(run_dir / "history.json", history)
@@ -456,7 +456,9 @@ def test_report_for_a_sweep(sweep, evaluated, tmp_path):
     assert row["clean_best"] == round(100 * summary["test_clean_acc_best"], 2)
     assert row["pgd_last"] == round(100 * summary["test_pgd_acc_last"], 2)
     assert row["autoattack"] == round(100 * evaluated[1]["autoattack"]["robust_acc"], 2)
+    assert row["pgd_steps"] == 5 and row["eval_pgd_steps"] == 20  # the attacks that made the numbers, not "PGD-40"
     md = (out / "report.md").read_text()
+    assert "| PGD steps |" in md and "PGD-40" not in md
     assert "fmnist-a" in md and "fmnist-b" in md and "(subset)" in md and "![fmnist-a](figures/fmnist-a.png)" in md
     with open(out / "report.csv") as f:
         assert len(list(csv.DictReader(f))) == 2

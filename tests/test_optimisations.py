@@ -247,7 +247,26 @@ def test_compiled_trades_step_matches_eager():
     for (name, pe), pc in zip(eager.named_parameters(), plain.parameters()):
         assert _cos(pc.grad, pe.grad) >= COMPILE_GRAD_COS, name
     for be, bc in zip(eager.buffers(), plain.buffers()):  # BN running statistics, updated once by the outer step
-        assert _rel(bc.float(), be.float()) < COMPILE_LOSS_RTOL
+        # Both forwards' batch statistics enter them, so a flipped attack pixel shows here first (measured 4e-5).
+        assert _rel(bc.float(), be.float()) < 1e-4
     # The attack ran with parameters frozen and BN statistics untouched, and the switches were restored.
     assert all(p.requires_grad for p in plain.parameters())
     assert all(m.track_running_stats for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("kind", ["none", "crop_flip", "crop_flip_rotate"])
+def test_uint8_augmentation_is_bitwise_the_float_augmentation(kind):
+    """The training step crops and flips the uint8 pixels before converting: the same floats, bit for bit,
+    including a DDP rank's rows of a global batch."""
+    from robustdiff.data.augment import augment_images
+
+    images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8))
+    want = augment_batch(to_float_nchw(images), kind, 4, torch.Generator().manual_seed(7))
+    got = augment_images(images, kind, 4, torch.Generator().manual_seed(7))
+    assert got.dtype == torch.float32 and got.shape == (64, 3, 32, 32)
+    assert torch.equal(got, want)
+    rows = torch.arange(1, 64, 2)  # rank 1 of 2
+    part = augment_images(images[rows], kind, 4, torch.Generator().manual_seed(7), index=rows, total=64)
+    assert torch.equal(part, want[rows])
+    if kind != "none":
+        assert not torch.equal(want, to_float_nchw(images))  # the augmentation did something

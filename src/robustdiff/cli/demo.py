@@ -128,7 +128,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     for r in rows:
         print(f"  {r['run']:>9}: clean {_pct(r['eval_clean'] or r['clean_best'])}, "
               f"AutoAttack {_pct(r['autoattack'])} on {r['eval_n']} test images "
-              f"(PGD-40 best epoch {_pct(r['pgd_best'])})")
+              f"(PGD-{r['pgd_steps'] or '?'} best epoch {_pct(r['pgd_best'])})")
     print("  stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     return {"report": report, "rows": rows, "seconds": seconds}
 

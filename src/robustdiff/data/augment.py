@@ -40,16 +40,15 @@ def to_float_nchw(images: torch.Tensor) -> torch.Tensor:
 
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None,
                 index: torch.Tensor | None = None, total: int | None = None) -> torch.Tensor:
-    """Zero-pad by `padding` and crop back to the original size at a random offset per image."""
+    """Zero-pad by `padding` and crop back to the original size at a random offset per image (any dtype)."""
     b, _, h, w = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))
     oy = draw("randint", (b,), generator, x.device, index, total, high=2 * padding + 1)
     ox = draw("randint", (b,), generator, x.device, index, total, high=2 * padding + 1)
-    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
-    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
-    batch = torch.arange(b, device=x.device)[:, None, None, None]
-    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    return padded[batch, chan, rows, cols]
+    # Every crop window as a view (B, C, 2p+1, 2p+1, H, W); one gather picks each image's window — whole
+    # rows at a time, about twice as fast on a CPU as indexing every pixel.
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)
+    return windows[torch.arange(b, device=x.device), :, oy, ox]
 
 
 def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None,
@@ -67,6 +66,26 @@ def random_rotate(x: torch.Tensor, degrees: float, generator: torch.Generator | 
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def augment_images(images: torch.Tensor, kind: str, padding: int = 4, generator: torch.Generator | None = None,
+                   rotation: float = 15.0, index: torch.Tensor | None = None,
+                   total: int | None = None) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> augmented float32 (B, C, H, W) in [0, 1]: what the training step feeds the model.
+
+    Bitwise the same as ``augment_batch(to_float_nchw(images), ...)`` with the same generator: cropping,
+    zero padding and flipping commute with the conversion, so they run on the uint8 pixels (a quarter of the
+    bytes to move); the rotation (bilinear grids need floats) runs after it.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown augmentation {kind!r}; choose one of {KINDS}")
+    x = images.permute(0, 3, 1, 2)
+    if kind != "none":
+        x = random_hflip(random_crop(x, padding, generator, index, total), generator, index, total)
+    x = x.float().div_(255.0)
+    if kind == "crop_flip_rotate":
+        x = random_rotate(x, rotation, generator, index, total)
+    return x
 
 
 def augment_batch(x: torch.Tensor, kind: str, padding: int = 4, generator: torch.Generator | None = None,

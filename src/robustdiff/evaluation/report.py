@@ -37,13 +37,15 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("epochs", "epochs"),
     ("n_generated", "generated"),
     ("best_epoch", "best epoch"),
+    ("pgd_steps", "PGD steps"),
     ("clean_best", "clean best (%)"),
-    ("pgd_best", "PGD-40 best (%)"),
+    ("pgd_best", "PGD best (%)"),
     ("clean_last", "clean last (%)"),
-    ("pgd_last", "PGD-40 last (%)"),
+    ("pgd_last", "PGD last (%)"),
     ("pgd_gap", "PGD best−last"),
     ("eval_clean", "eval clean (%)"),
-    ("eval_pgd", "eval PGD-40 (%)"),
+    ("eval_pgd_steps", "eval PGD steps"),
+    ("eval_pgd", "eval PGD (%)"),
     ("autoattack", "AutoAttack (%)"),
     ("eval_n", "eval points"),
     ("paper_clean", "paper clean (%)"),
@@ -151,9 +153,10 @@ def plot_training_curves(run: Run, out_png: str | os.PathLike) -> Path:
     fig = Figure(figsize=(7.5, 4.2), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    pgd = f"PGD-{pgd_steps(run)}" if pgd_steps(run) else "PGD"
     styles = (("test_clean_acc", "clean (test)", "tab:blue", "-", None),
-              ("val_pgd_acc", "PGD-40 (validation)", "tab:red", "-", None),
-              ("test_pgd_acc", "PGD-40 (test)", "tab:red", "none", "o"),
+              ("val_pgd_acc", f"{pgd} (validation)", "tab:red", "-", None),
+              ("test_pgd_acc", f"{pgd} (test)", "tab:red", "none", "o"),
               ("train_acc_adv", "adversarial (train)", "tab:gray", ":", None))
     for key, label, color, line, marker in styles:
         xs, ys = _series(run.history, key)
@@ -198,6 +201,13 @@ def _relpath(run_dir: Path, root: Path | None) -> str:
     return run_dir.relative_to(root).as_posix()
 
 
+def pgd_steps(run: Run) -> int | None:
+    """Steps of the PGD that scored the run during training (run.json's eval.steps); None for runs written
+    before run.json recorded it."""
+    steps = (run.config.get("eval") or {}).get("steps")
+    return int(steps) if steps is not None else None
+
+
 def run_row(run: Run, root: Path | None = None) -> dict[str, Any]:
     """One comparison-table row: settings, best/last accuracies (%), eval.json results, the paper's numbers."""
     c, s, e = run.config, run.summary or {}, run.evaluation or {}
@@ -229,6 +239,7 @@ def run_row(run: Run, root: Path | None = None) -> dict[str, Any]:
         "n_generated": c.get("n_generated") or 0,
         "best_epoch": s.get("best_epoch"),
         "last_epoch": s.get("last_epoch"),
+        "pgd_steps": pgd_steps(run),
         "clean_best": _p(s.get("test_clean_acc_best")),
         "pgd_best": _p(s.get("test_pgd_acc_best")),
         "clean_last": _p(s.get("test_clean_acc_last")),
@@ -236,6 +247,7 @@ def run_row(run: Run, root: Path | None = None) -> dict[str, Any]:
         "pgd_gap": gap,
         "eval_clean": _p((e.get("clean") or {}).get("acc")),
         "eval_pgd": _p((e.get("pgd") or {}).get("acc")),
+        "eval_pgd_steps": (e.get("pgd") or {}).get("steps"),
         "autoattack": _p(aa.get("robust_acc")),
         "autoattack_version": aa.get("version"),
         "autoattack_flags": ",".join(aa.get("flags") or []) or None,
@@ -267,8 +279,8 @@ def _fmt(key: str, v: Any) -> str:
 
 
 def render_markdown(rows: Sequence[dict[str, Any]], figures: dict[str, str], title: str) -> str:
-    intro = (f"{len(rows)} run(s). Accuracies in %. *best* = the checkpoint with the best validation PGD-40 "
-             "(model.pt), *last* = the final epoch; eval and AutoAttack columns come from eval.json (best "
+    intro = (f"{len(rows)} run(s). Accuracies in %. *best* = the checkpoint with the best validation PGD "
+             "(model.pt; *PGD steps* = the attack's steps during training), *last* = the final epoch; eval and AutoAttack columns come from eval.json (best "
              "checkpoint; see *eval points* for how many test images). Paper columns: Wang et al. (ICML 2023) "
              "for the same dataset, norm, model and amount of generated data, when published.")
     lines = [f"# {title}", "", intro, ""]

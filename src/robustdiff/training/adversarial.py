@@ -18,7 +18,7 @@ from torch import nn
 
 from ..adversarial.attacks import accuracy_counts, pgd_attack
 from ..adversarial.trades import AttackConfig, pgd_at_loss, trades_loss
-from ..data.augment import augment_batch, to_float_nchw
+from ..data.augment import augment_images, to_float_nchw
 from ..models.wrn import bn_parameter_names, set_bn_momentum
 from .ema import EMA
 from .schedule import CosineW
@@ -124,11 +124,11 @@ class AdversarialTraining(pl.LightningModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if not self.trainer.training:
             return batch
-        x = to_float_nchw(batch["image"])
+        images = batch["image"]
         # One generator per global batch, the same on every rank; each rank takes its own rows.
-        g = make_generator(x.device, step_seed(self.seed, 0, batch["epoch"], batch["step"]))
-        batch["x"] = augment_batch(x, self.augmentation, self.crop_padding, g,
-                                   index=batch["position"], total=batch["global_size"])
+        g = make_generator(images.device, step_seed(self.seed, 0, batch["epoch"], batch["step"]))
+        batch["x"] = augment_images(images, self.augmentation, self.crop_padding, g,
+                                    index=batch["position"], total=batch["global_size"])
         batch["generator"] = g
         return batch
 
