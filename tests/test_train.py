@@ -147,3 +147,45 @@ def test_fast_path_bf16_channels_last_compile_trains(tmp_path, tiny_overrides):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])
     assert json.loads((run / "run.json").read_text())["precision"] == "bf16-mixed"
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_training_step_never_waits_for_the_device(tmp_path, tiny_overrides, monkeypatch, norm):
+    """No host-device synchronisation inside a step: our hooks (augmentation, TRADES step, metric sums, EMA)
+    never read a tensor's value on the host (.item(), .tolist(), bool(), float(), int()). On a CPU these are
+    harmless, but on a GPU each would stall the queue; here every such call made inside a step is recorded."""
+    import traceback
+
+    from robustdiff.training.adversarial import AdversarialTraining
+    from robustdiff.training.ema import EMA
+
+    inside, calls = [False], []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def recording(self, *args, _original=original, _name=name, **kwargs):
+            if inside[0]:
+                calls.append((_name, "".join(traceback.format_stack(limit=4)[:-1])))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, recording)
+
+    def step_part(method):
+        def wrapped(*args, **kwargs):
+            inside[0] = True
+            try:
+                return method(*args, **kwargs)
+            finally:
+                inside[0] = False
+        return wrapped
+
+    steps = []
+    real_step = AdversarialTraining.training_step
+    monkeypatch.setattr(AdversarialTraining, "training_step",
+                        step_part(lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k)))
+    monkeypatch.setattr(AdversarialTraining, "on_after_batch_transfer",
+                        step_part(AdversarialTraining.on_after_batch_transfer))
+    monkeypatch.setattr(EMA, "update", step_part(EMA.update))
+    summary = train(compose_train(*tiny_overrides, "epochs=1", f"norm={norm}"), tmp_path / "run")
+    assert summary["finished"] and len(steps) >= 5
+    assert calls == [], "host reads inside a training step:\n" + "\n".join(f"{n}:\n{s}" for n, s in calls[:3])

@@ -82,11 +82,10 @@ def trades_adversary(
                 (grad,) = torch.autograd.grad(kl_batchmean(logits_nat, model(x + delta)), delta)
             with torch.no_grad():
                 norms = _l2_norm(grad)
-                grad = grad / norms
-                zero = norms.flatten() == 0
-                if zero.any():
-                    noise = torch.randn(grad.shape, generator=generator, device=x.device, dtype=x.dtype)
-                    grad[zero] = noise[zero]
+                # A zero gradient gets a random direction (the reference's rule). The noise is drawn every step
+                # rather than after a host-side `any()`: no device sync, and the draw is the same on every rank.
+                noise = draw("randn", tuple(x.shape), generator, x.device, index, total, dtype=x.dtype)
+                grad = torch.where(norms == 0, noise, grad / norms.clamp_min(torch.finfo(norms.dtype).tiny))
                 delta = delta + lr * grad
                 delta = ((x + delta).clamp(0.0, 1.0) - x).renorm(p=2, dim=0, maxnorm=cfg.eps)
         return (x + delta).detach()

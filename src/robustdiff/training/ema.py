@@ -30,10 +30,19 @@ class EMA(nn.Module):
         self.tau = tau
         self.warmup_steps = warmup_steps
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # A host copy of num_updates, so that a step never reads the device buffer (a GPU sync). The buffer stays
+        # the checkpointed truth: after a load the copy is re-read once.
+        self._host_updates: int | None = 0
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._host_updates = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> float:
-        decay = ema_decay(int(self.num_updates), self.warmup_steps, self.tau)
+        if self._host_updates is None:
+            self._host_updates = int(self.num_updates)
+        decay = ema_decay(self._host_updates, self.warmup_steps, self.tau)
         ema_params = list(self.module.parameters())
         live_params = [p.detach() for p in model.parameters()]
         if decay == 0.0:
@@ -42,6 +51,7 @@ class EMA(nn.Module):
             # ema = decay·ema + (1 − decay)·live
             torch._foreach_lerp_(ema_params, live_params, 1.0 - decay)
         self.num_updates += 1
+        self._host_updates += 1
         return decay
 
     @torch.no_grad()
