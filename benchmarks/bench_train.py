@@ -129,6 +129,7 @@ class PlainLoop:
         self.model.train()
         self.forward = torch.compile(self.model) if compile else self.model
         self.bf16 = precision == "bf16-mixed"
+        self.layout = torch.channels_last if channels_last else torch.contiguous_format
         self.opt = sgd(self.model, args.lr)
         self.ema = EMA(self.model, warmup_steps=0.025 * 10 * len(images) // args.batch)
         self.images, self.labels, self.batch = images, labels, args.batch
@@ -142,7 +143,7 @@ class PlainLoop:
         i = self.step_count % (len(self.images) // self.batch)
         idx = self.perm[i * self.batch:(i + 1) * self.batch]
         g = make_generator(torch.device("cpu"), step_seed(0, 0, 0, self.step_count))
-        x = augment_images(self.images[idx], "crop_flip", self.padding, g)
+        x = augment_images(self.images[idx], "crop_flip", self.padding, g).clone(memory_format=self.layout)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with autocast:
             out = trades_loss(self.forward, x, self.labels[idx], self.attack, beta=self.beta, label_smoothing=0.1,

@@ -270,3 +270,22 @@ def test_uint8_augmentation_is_bitwise_the_float_augmentation(kind):
     assert torch.equal(part, want[rows])
     if kind != "none":
         assert not torch.equal(want, to_float_nchw(images))  # the augmentation did something
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_batch_takes_the_models_memory_layout(channels_last):
+    """The augmented batch has the model's layout: a channels_last-strided input would send a contiguous model's
+    convolutions to other kernels, changing the fp32 rounding (and, for one channel, .contiguous() keeps it)."""
+    from types import SimpleNamespace
+
+    from robustdiff.training.adversarial import AdversarialTraining
+
+    module = AdversarialTraining(small_wrn(), AttackConfig(), epochs=1, iterations_per_epoch=1,
+                                 channels_last=channels_last, augmentation="crop_flip", crop_padding=2)
+    module._trainer = SimpleNamespace(training=True)
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (8, 28, 28, 1), dtype=np.uint8))
+    batch = {"image": images, "label": torch.zeros(8, dtype=torch.long), "epoch": 0, "step": 0,
+             "position": torch.arange(8), "global_size": 8}
+    x = module.on_after_batch_transfer(batch, 0)["x"]
+    want = (784, 1, 28, 1) if channels_last else (784, 784, 28, 1)
+    assert x.stride() == want

@@ -127,8 +127,12 @@ class AdversarialTraining(pl.LightningModule):
         images = batch["image"]
         # One generator per global batch, the same on every rank; each rank takes its own rows.
         g = make_generator(images.device, step_seed(self.seed, 0, batch["epoch"], batch["step"]))
-        batch["x"] = augment_images(images, self.augmentation, self.crop_padding, g,
-                                    index=batch["position"], total=batch["global_size"])
+        x = augment_images(images, self.augmentation, self.crop_padding, g,
+                           index=batch["position"], total=batch["global_size"])
+        # The model's layout: a channels_last input would switch a contiguous model's convolutions to other
+        # kernels (other float rounding, and slower).
+        # (clone: for one channel both layouts count as contiguous, and .contiguous() would keep the strides.)
+        batch["x"] = x.clone(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         batch["generator"] = g
         return batch
 
