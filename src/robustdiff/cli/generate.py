@@ -152,8 +152,8 @@ def plan(cfg: dict, num_classes: int) -> dict[str, Any]:
     if cfg.get("compile", False) not in (False, True, "default", "reduce-overhead", "max-autotune",
                                          "max-autotune-no-cudagraphs"):
         raise GenerationError(f"compile={cfg.get('compile')!r}: choose false, true or a torch.compile mode")
-    if cfg["precision"] not in ("fp32", "bf16"):
-        raise GenerationError(f"precision={cfg['precision']!r}: choose fp32 or bf16")
+    if cfg["precision"] not in AUTOCAST:
+        raise GenerationError(f"precision={cfg['precision']!r}: choose one of {', '.join(AUTOCAST)}")
     out = Path(cfg["out"])
     if cfg["classifier"] is None:
         if keep != 1:
@@ -218,6 +218,10 @@ def _confidence(classifier, images: np.ndarray, labels: np.ndarray, batch_size: 
         p = classifier(x).float().softmax(dim=1)
         out[a:a + len(y)] = p.gather(1, y[:, None])[:, 0].cpu().numpy()
     return out
+
+
+# precision= -> the dtype the U-Net runs in under autocast (None: plain float32). The solver state stays float64.
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ShardWriter:
@@ -286,7 +290,7 @@ def run_generation(fabric, cfg: dict) -> dict | None:
     if job["filter"]:
         classifier = load_classifier(cfg["classifier"], cfg["dataset"], K, shape[2], device)
     target: Path = job["target"]
-    autocast = torch.bfloat16 if cfg["precision"] == "bf16" else None
+    autocast = AUTOCAST[cfg["precision"]]
     sampler_kwargs = _sampler_kwargs(cfg)
     if cfg.get("compile"):
         # Only the U-Net: the preconditioning and the float64 solver stay eager. Sampling only, nothing is saved.
