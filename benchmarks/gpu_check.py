@@ -6,8 +6,8 @@ Measures on one GPU (sized for an H100/H200 in under 8 minutes):
 2. WRN-28-10 TRADES (β = 5, K = 10, ℓ∞ 8/255) on synthetic 32×32×3 batches of 512: images/s in
    fp32 and under bf16 autocast, eager and ``torch.compile``d, peak memory, and the fraction of the
    bf16 peak reached (SPEC §9: 27 forward-equivalents × 5.24 GMAC × 2 FLOP per image);
-3. EDM CIFAR-10 DDPM++ (random weights) with the 18-step Heun sampler: images/s in fp32 and bf16,
-   and the largest pixel difference between the two outputs.
+3. EDM CIFAR-10 DDPM++ (random weights) with the 18-step Heun sampler: images/s in fp32, bf16 and fp16,
+   and the largest pixel difference between each reduced precision and fp32.
 
 Everything runs from the repository (``PYTHONPATH=src``); nothing is downloaded. Results are
 written to ``$OUT/gpu_check.json`` (or ``--out``) after every measurement, so a run cut short
@@ -259,6 +259,12 @@ def main() -> None:
                          "max_abs_dx": float((x32 - x16).abs().max())}
         log(f"EDM {args.edm_preset} {args.edm_steps} steps: fp32 {r32['images_per_s']:.0f} img/s, "
             f"bf16 {r16['images_per_s']:.0f} img/s, max |Δpixel| {int(dpix.max())}/255")
+        save()
+        rh, xh = edm_throughput(net, args, device, torch.float16)
+        dpix_h = (to_uint8(x32).int() - to_uint8(xh).int()).abs()
+        result["edm"].update(fp16=rh, fp16_max_abs_dpixel_uint8=int(dpix_h.max()),
+                             fp16_mean_abs_dpixel_uint8=float(dpix_h.float().mean()))
+        log(f"EDM fp16: {rh['images_per_s']:.0f} img/s, max |Δpixel| {int(dpix_h.max())}/255")
         del net
     except Exception as e:
         traceback.print_exc()
@@ -300,6 +306,10 @@ def print_table(result: dict, args, flop_per_image: float) -> None:
               f"fp32 {e['fp32']['images_per_s']:.1f} img/s, bf16 {e['bf16']['images_per_s']:.1f} img/s "
               f"({e['bf16']['images_per_s'] / e['fp32']['images_per_s']:.2f}×); max |Δpixel| fp32 vs bf16 "
               f"{e['max_abs_dpixel_uint8']}/255 (mean {e['mean_abs_dpixel_uint8']:.2f})")
+        if "fp16" in e:
+            print(f"EDM fp16: {e['fp16']['images_per_s']:.1f} img/s "
+                  f"({e['fp16']['images_per_s'] / e['fp32']['images_per_s']:.2f}× fp32); max |Δpixel| "
+                  f"{e['fp16_max_abs_dpixel_uint8']}/255 (mean {e['fp16_mean_abs_dpixel_uint8']:.2f})")
     elif e:
         print(f"EDM: {e.get('error')}")
 
