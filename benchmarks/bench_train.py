@@ -51,7 +51,7 @@ from robustdiff.data.augment import augment_images
 from robustdiff.data.datamodule import RobustDataModule
 from robustdiff.data.datasets import get_info, load_split
 from robustdiff.models.wrn import bn_parameter_names, build_wrn
-from robustdiff.training.adversarial import AdversarialTraining, make_generator, step_seed
+from robustdiff.training.adversarial import AdversarialTraining, allow_graphs, make_generator, step_seed
 from robustdiff.training.callbacks import AtomicCheckpointIO, RunCheckpoint
 from robustdiff.training.ema import EMA
 from robustdiff.utils.hardware import resolve_precision
@@ -127,6 +127,8 @@ class PlainLoop:
                  precision: str = "32-true", channels_last: bool = False, compile: bool = False):
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
         self.model.train()
+        if compile:
+            allow_graphs(32)  # ours and up to two compiled plain loops share WideResNet.forward's graph cache
         self.forward = torch.compile(self.model) if compile else self.model
         self.bf16 = precision == "bf16-mixed"
         self.layout = torch.channels_last if channels_last else torch.contiguous_format

@@ -129,18 +129,23 @@ def test_run_names_are_deterministic():
     assert len(long) <= 120 and long == run_name(None, "x=" + "a" * 300)
 
 
-def test_fast_path_bf16_channels_last_compile_trains(tmp_path, tiny_overrides):
+def test_fast_path_bf16_channels_last_compile_trains(tmp_path, tiny_overrides, monkeypatch):
     """precision=bf16-mixed + channels_last + compile: the attack and the step run autocast in the compiled
     network; the checkpoints keep the plain key layout (no ``_orig_mod.``) and the EMA model stays fp32."""
     from torch._dynamo.utils import counters
 
+    import torch._dynamo
+
     counters.clear()
+    # Falling back to eager past the graph limit would pass silently; make it an error here.
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     run = tmp_path / "fast"
     summary = train(compose_train(*tiny_overrides, "epochs=1", "precision=bf16-mixed", "channels_last=true",
                                   "compile=true"), run)
     history = json.loads((run / "history.json").read_text())
     assert summary["finished"] and all(map(math.isfinite, (history[0]["train_loss"], history[0]["train_loss_robust"])))
     assert counters["stats"]["unique_graphs"] >= 2  # the training network really was compiled (attack + step)
+    assert torch._dynamo.config.recompile_limit >= 16  # room for the step's graphs (allow_graphs)
     state = torch.load(run / "model.pt", weights_only=True)
     assert not any("_orig_mod" in k for k in state) and "init_conv.weight" in state
     assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())
