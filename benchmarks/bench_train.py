@@ -51,10 +51,10 @@ from robustdiff.data.augment import augment_images
 from robustdiff.data.datamodule import RobustDataModule
 from robustdiff.data.datasets import get_info, load_split
 from robustdiff.models.wrn import bn_parameter_names, build_wrn
-from robustdiff.training.adversarial import AdversarialTraining, allow_graphs, make_generator, step_seed
+from robustdiff.training.adversarial import AdversarialTraining, make_generator, step_seed
 from robustdiff.training.callbacks import AtomicCheckpointIO, RunCheckpoint
 from robustdiff.training.ema import EMA
-from robustdiff.utils.hardware import resolve_precision
+from robustdiff.utils.hardware import allow_graphs, resolve_precision
 
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")

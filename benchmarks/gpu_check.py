@@ -29,6 +29,7 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch._dynamo
 from torch import nn
 
 from robustdiff.adversarial.trades import AttackConfig, trades_loss
@@ -37,6 +38,7 @@ from robustdiff.diffusion.sampler import edm_sampler
 from robustdiff.models.unet import unet_preset
 from robustdiff.models.wrn import bn_parameter_names, build_wrn
 from robustdiff.training.ema import EMA
+from robustdiff.utils.hardware import allow_graphs
 
 FORWARD_EQUIVALENTS = 27  # SPEC §9: p_nat forward, K × (forward + input backward), 2 forwards + full backward
 WRN_28_10_GMAC = 5.24  # per 32×32 image
@@ -102,6 +104,11 @@ def trades_throughput(init: nn.Module, args, device, precision: str, compile_mod
                            {"params": [p for n, p in model.named_parameters() if n in no_decay], "weight_decay": 0.0}],
                           lr=0.1, momentum=0.9, nesterov=True)
     ema = EMA(model)
+    if compile_model:
+        # Each configuration compiles afresh: WideResNet.forward's graph cache is shared by every instance, and
+        # three compiled configurations × 3 graphs would pass dynamo's limit of 8 and silently run eager.
+        torch._dynamo.reset()
+        allow_graphs(16)
     net = torch.compile(model) if compile_model else model
     cfg = AttackConfig("linf", 8 / 255, 2 / 255, args.steps)
     g = torch.Generator(device=device).manual_seed(0)

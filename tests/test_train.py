@@ -132,9 +132,8 @@ def test_run_names_are_deterministic():
 def test_fast_path_bf16_channels_last_compile_trains(tmp_path, tiny_overrides, monkeypatch):
     """precision=bf16-mixed + channels_last + compile: the attack and the step run autocast in the compiled
     network; the checkpoints keep the plain key layout (no ``_orig_mod.``) and the EMA model stays fp32."""
-    from torch._dynamo.utils import counters
-
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     counters.clear()
     # Falling back to eager past the graph limit would pass silently; make it an error here.

@@ -20,6 +20,7 @@ from ..adversarial.attacks import accuracy_counts, pgd_attack
 from ..adversarial.trades import AttackConfig, pgd_at_loss, trades_loss
 from ..data.augment import augment_images, to_float_nchw
 from ..models.wrn import bn_parameter_names, set_bn_momentum
+from ..utils.hardware import allow_graphs
 from .ema import EMA
 from .schedule import CosineW
 
@@ -37,20 +38,6 @@ def make_generator(device: torch.device, seed: int) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
-
-
-def allow_graphs(n: int) -> None:
-    """Let torch.compile keep at least ``n`` graphs per function before it falls back to eager (default 8).
-
-    A TRADES step needs 3 (clean forward without grad, attack with frozen parameters, outer step) and the
-    first step's BN momentum of 1 another 3; a second compiled model in the process (a benchmark) doubles
-    that. Past the limit dynamo silently runs eager, a quiet performance cliff."""
-    import torch._dynamo
-
-    config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):  # the newer name and the older one
-        if hasattr(config, name):
-            setattr(config, name, max(int(getattr(config, name)), n))
 
 
 class AdversarialTraining(pl.LightningModule):

@@ -1,4 +1,4 @@
-"""What the hardware runs fast: used to resolve ``precision=auto``."""
+"""What the hardware runs fast (``precision=auto``) and how torch.compile is set up for our steps."""
 
 from __future__ import annotations
 
@@ -27,3 +27,17 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     else:
         device = "cpu"
     return "bf16-mixed" if fast_bf16(device) else "32-true"
+
+
+def allow_graphs(n: int) -> None:
+    """Let torch.compile keep at least ``n`` graphs per function before it falls back to eager (default 8).
+
+    A TRADES step needs 3 (clean forward without grad, attack with frozen parameters, outer step) and the
+    first step's BN momentum of 1 another 3; a second compiled model in the process (a benchmark) doubles
+    that. Past the limit dynamo silently runs eager, a quiet performance cliff."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name and the older one
+        if hasattr(config, name):
+            setattr(config, name, max(int(getattr(config, name)), n))
