@@ -254,6 +254,7 @@ def reference_trades(model, x_natural, y, optimizer, step_size, epsilon, perturb
 
 
 def reference_ema_update(wa_model, model, global_step, decay_rate=0.995, warmup_steps=0.0):
+    """The reference's per-parameter EMA loop (global_step counts this update, 1-based)."""
     factor = int(global_step >= warmup_steps)
     delta = global_step - warmup_steps
     decay = min(decay_rate, (1.0 + delta) / (10.0 + delta)) if 10.0 + delta != 0 else decay_rate

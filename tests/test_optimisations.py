@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +27,11 @@ from robustdiff.adversarial.trades import AttackConfig, kl_batchmean, trades_adv
 from robustdiff.data.augment import augment_batch, to_float_nchw
 from robustdiff.models.wrn import WideResNet
 from robustdiff.training.ema import EMA
+
+# The reference's per-parameter EMA loop, written once in the training benchmark (global_step counts the update,
+# 1-based).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_train import reference_ema_update  # noqa: E402
 
 
 def small_wrn(in_channels: int = 1) -> WideResNet:
@@ -121,17 +128,6 @@ def test_channels_last_trades_step_runs_and_keeps_layout():
     assert model.init_conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def _reference_ema_update(wa_model, model, global_step, decay_rate, warmup_steps):
-    """The reference's per-parameter loop (global_step counts this update, 1-based)."""
-    factor = int(global_step >= warmup_steps)
-    delta = global_step - warmup_steps
-    decay = min(decay_rate, (1.0 + delta) / (10.0 + delta)) if 10.0 + delta != 0 else decay_rate
-    decay *= factor
-    for p_swa, p_model in zip(wa_model.parameters(), model.parameters()):
-        p_swa.data *= decay
-        p_swa.data += p_model.data * (1 - decay)
-
-
 # float32 has 1.19e-7 between 1 and 2, and BN weights sit near 1: an absolute 1e-7 alone would demand
 # agreement below one ulp there. Both orders of rounding agree to 1e-7 absolute plus two ulps relative.
 EMA_ATOL, EMA_RTOL = 1e-7, 2.4e-7
@@ -150,7 +146,7 @@ def test_fused_ema_matches_python_loop():
                 p.add_(0.01 * torch.randn(p.shape, generator=g))
         decay = fused.update(model)
         # The reference calls ema_update after incrementing its global step: its step s+1 is our update s.
-        _reference_ema_update(loop, model, step + 1, 0.995, warmup + 1)
+        reference_ema_update(loop, model, step + 1, 0.995, warmup + 1)
         exact = [e * decay + p.detach().double() * (1 - decay) for e, p in zip(exact, model.parameters())]
         for a, b, e in zip(fused.module.parameters(), loop.parameters(), exact):
             torch.testing.assert_close(a, b, atol=EMA_ATOL, rtol=EMA_RTOL)

@@ -51,6 +51,7 @@ from ..data.store import (
     open_block_store,
     write_block,
 )
+from ..utils.hardware import COMPILE_CHOICES, COMPILE_MODES
 from ..utils.io import atomic_path
 from .train import CONF_DIR
 
@@ -149,9 +150,9 @@ def plan(cfg: dict, num_classes: int) -> dict[str, Any]:
             raise GenerationError(f"{key}={cfg[key]!r} must be a positive integer")
     if not isinstance(cfg["seed"], int) or not 0 <= cfg["seed"] < 2 ** 63:
         raise GenerationError(f"seed={cfg['seed']!r} must be an integer in [0, 2**63)")
-    if cfg.get("compile", False) not in (False, True, "default", "reduce-overhead", "max-autotune",
-                                         "max-autotune-no-cudagraphs"):
-        raise GenerationError(f"compile={cfg.get('compile')!r}: choose false, true or a torch.compile mode")
+    if cfg.get("compile", False) not in COMPILE_CHOICES:
+        raise GenerationError(f"compile={cfg.get('compile')!r}: choose false, true or a torch.compile mode "
+                              f"({', '.join(COMPILE_MODES)})")
     if cfg["precision"] not in AUTOCAST:
         raise GenerationError(f"precision={cfg['precision']!r}: choose one of {', '.join(AUTOCAST)}")
     out = Path(cfg["out"])
@@ -345,10 +346,8 @@ def run_generation(fabric, cfg: dict) -> dict | None:
                 scores = None
                 if classifier is not None:
                     scores = _confidence(classifier, images, labels, cfg["classifier_batch_size"], device)
-                if b in on_disk:
-                    writer.submit(_write_shard, target, b, None, None, scores)
-                else:
-                    writer.submit(_write_shard, target, b, images, labels, scores)
+                fresh = b not in on_disk  # a shard already on disk only gets its scores written
+                writer.submit(_write_shard, target, b, images if fresh else None, labels, scores)
                 written += 1
                 if cfg["stop_after_shards"] is not None and written >= cfg["stop_after_shards"]:
                     break

@@ -20,7 +20,7 @@ from ..adversarial.attacks import accuracy_counts, pgd_attack
 from ..adversarial.trades import AttackConfig, pgd_at_loss, trades_loss
 from ..data.augment import augment_images, to_float_nchw
 from ..models.wrn import bn_parameter_names, set_bn_momentum
-from ..utils.hardware import allow_graphs
+from ..utils.hardware import COMPILE_CHOICES, allow_graphs
 from .ema import EMA
 from .schedule import CosineW
 
@@ -86,7 +86,7 @@ class AdversarialTraining(pl.LightningModule):
         self.eval_batch_size, self.eval_steps = eval_batch_size, eval_steps
         self.val_loss, self.test_loss, self.test_every = val_loss, test_loss, test_every
         self.channels_last = channels_last
-        if compile not in (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        if compile not in COMPILE_CHOICES:
             raise ValueError(f"compile must be false, true or a torch.compile mode, got {compile!r}")
         self.compile = compile
         # The compiled wrapper shares the model's parameters; kept in a tuple so that it is not registered as a

@@ -18,7 +18,7 @@ from ..adversarial.trades import AttackConfig
 from ..data.datamodule import RobustDataModule
 from ..data.datasets import get_info
 from ..models.wrn import WideResNet
-from ..utils.hardware import resolve_precision
+from ..utils.hardware import COMPILE_CHOICES, COMPILE_MODES, resolve_precision
 from ..utils.io import atomic_write_json, atomic_write_text
 from .adversarial import AdversarialTraining
 from .callbacks import AtomicCheckpointIO, RunCheckpoint, fmt_acc
@@ -97,9 +97,8 @@ def validate(cfg: DictConfig) -> AttackConfig:
     need(str(cfg.precision) in precisions, f"precision={cfg.precision!r}: choose one of {', '.join(precisions)} "
          "(32-true is the reference; bf16-mixed autocasts the network and keeps fp32 weights and losses; auto picks "
          "bf16-mixed where the hardware has bf16 units)")
-    modes = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-    need(cfg.get("compile", False) in modes, f"compile={cfg.get('compile')!r}: choose false, true or a torch.compile "
-         "mode (default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")
+    need(cfg.get("compile", False) in COMPILE_CHOICES, f"compile={cfg.get('compile')!r}: choose false, true or a "
+         f"torch.compile mode ({', '.join(COMPILE_MODES)})")
     devices = cfg.trainer.devices
     world = (devices if isinstance(devices, int) and devices > 0 else 1) * int(cfg.trainer.num_nodes)
     need(cfg.batch_size % world == 0, f"batch_size={cfg.batch_size} must be divisible by the {world} DDP processes")

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 
+# Accepted values of the `compile` settings: off, on (torch.compile's default mode), or a torch.compile mode.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_CHOICES = (False, True, *COMPILE_MODES)
+
 
 def fast_bf16(device: torch.device | str) -> bool:
     """True where bf16 matrix arithmetic has hardware support: CUDA GPUs with bf16 (Ampere and newer), CPUs with
