@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data test demo lint bench bench-data bench-edm bench-eval bench-train gpu-check
+.PHONY: install data test demo study lint bench bench-data bench-edm bench-eval bench-train gpu-check
 
 install: $(VENV)/.installed
 
@@ -53,3 +53,7 @@ bench-train: install data
 # One H100/H200, at most 8 minutes (`--smoke` runs a tiny version on a CPU).
 gpu-check: install
 	bash benchmarks/gpu_check.sh $(ARGS)
+
+# The generator-quality study (experiments/README.md): ~2 h on this CPU, resumable; ARGS=--report-only.
+study: install data
+	$(VENV)/bin/robustdiff-study experiments/study/fmnist_quality.yaml --out runs/study $(ARGS)

@@ -138,3 +138,16 @@ def pgd_at_loss(
     loss = smoothed_cross_entropy(logits_adv, y, label_smoothing)
     zero = torch.zeros((), device=x.device)
     return StepOutput(loss, zero, loss.detach(), logits_adv.detach(), logits_adv)
+
+
+def standard_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, label_smoothing: float = 0.1) -> StepOutput:
+    """Standard (non-adversarial) training: label-smoothed CE on the clean images, no attack.
+
+    Not part of the paper's method: robustdiff trains the classifiers that measure generated data with it
+    (classifier FD, label agreement, confidence filtering). ``logits_adv`` is the clean logits.
+    """
+    logits = model(x)
+    loss = smoothed_cross_entropy(logits, y, label_smoothing)
+    zero = torch.zeros((), device=x.device)
+    return StepOutput(loss, loss.detach(), zero, logits.detach(), logits.detach())
+

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", type=_csv(ATTACKS), default=None, help="default clean,pgd,autoattack")
     p.add_argument("--aa-attacks", type=_csv(STANDARD_ATTACKS), default=None,
                    help="a subset of AutoAttack's attacks for a quick look (default: all four = standard)")
+    p.add_argument("--aa-targets", type=int, default=None,
+                   help="target classes of APGD-T/FAB-T (standard 9; fewer is cheaper and weaker, and is recorded)")
     p.add_argument("--seed", type=int, default=None, help="attack seed (default 0)")
     p.add_argument("--data-dir", default=None, help="dataset directory (default: from run.json, else ./data)")
     p.add_argument("--out", type=Path, default=None,
@@ -183,6 +185,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
         put("batch_size", args.batch_size, None, 128)
         put("attacks", args.attacks, None, list(ATTACKS))
         put("aa_attacks", args.aa_attacks, None, list(STANDARD_ATTACKS))
+        put("aa_targets", args.aa_targets, None, 9)
         put("seed", args.seed, None, 0)
         put("data_dir", args.data_dir, (run or {}).get("data_dir"), None)
         put("device", args.device, None, "cuda" if torch.cuda.is_available() else "cpu")
@@ -256,7 +259,8 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
             state_dir = Path(out) / "autoattack_state"
             state_dir.mkdir(parents=True, exist_ok=True)
         aa = evaluate_autoattack(model, x, y, norm=s["norm"], eps=s["eps"], batch_size=s["batch_size"],
-                                 seed=s["seed"], state_path=state_dir, device=device, attacks=s["aa_attacks"])
+                                 seed=s["seed"], state_path=state_dir, device=device, attacks=s["aa_attacks"],
+                                 targets=s["aa_targets"])
         results["autoattack"] = aa
         log.info("AutoAttack (%s) robust accuracy: %.2f%% in %.0f s", aa["version"], 100 * aa["robust_acc"],
                  aa["seconds"])

@@ -21,6 +21,7 @@ from robustdiff.data.store import (
     StoreError,
     export_npz,
     import_npz,
+    quality_summary,
     store_info,
     verify_store,
 )
@@ -63,6 +64,8 @@ def _summary(m: dict) -> str:
         f"shards      {len(m['shards'])} × up to {m['shard_size']:,}",
         f"provenance  {json.dumps(m.get('provenance', {}), sort_keys=True)}",
     ]
+    lines += [f"quality     {line}" for line in quality_summary(m)] or [
+        "quality     not measured (robustdiff-fid score STORE --ref REF.npz --classifier RUN)"]
     return "\n".join(lines)
 
 

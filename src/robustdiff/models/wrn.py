@@ -112,13 +112,16 @@ class WideResNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (B, 64·width) of images x: (B, C, H, W) in [0, 1] (the input of ``logits``)."""
         out = self.init_conv((x - self.mean) / self.std)
         out = self.layer(out)
         out = F.silu(self.batchnorm(out))
         # 8×8 average pooling at 32 px (the reference) is the same as adaptive pooling to 1×1.
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.logits(out)
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.features(x))
 
 
 def build_wrn(name: str | None = None, *, depth: int | None = None, width: int | None = None, **kwargs) -> WideResNet:

@@ -17,14 +17,15 @@ import torch
 from torch import nn
 
 from ..adversarial.attacks import accuracy_counts, pgd_attack
-from ..adversarial.trades import AttackConfig, pgd_at_loss, trades_loss
+from ..adversarial.trades import AttackConfig, pgd_at_loss, standard_loss, trades_loss
 from ..data.augment import augment_images, to_float_nchw
 from ..models.wrn import bn_parameter_names, set_bn_momentum
 from ..utils.hardware import COMPILE_CHOICES, allow_graphs
 from .ema import EMA
 from .schedule import CosineW
 
-LOSSES = ("trades", "pgd_at")
+LOSSES = ("trades", "pgd_at", "ce")
+SELECT = ("pgd", "clean")  # the validation accuracy that picks the best epoch
 SCHEDULES = ("cosinew", "constant")
 
 
@@ -67,12 +68,15 @@ class AdversarialTraining(pl.LightningModule):
         val_loss: str = "cw",
         test_loss: str = "ce",
         test_every: int = 25,
+        select: str = "pgd",
         channels_last: bool = False,
         compile: bool | str = False,
     ):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if select not in SELECT:
+            raise ValueError(f"select must be one of {SELECT}, got {select!r}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
@@ -85,6 +89,7 @@ class AdversarialTraining(pl.LightningModule):
         self.augmentation, self.crop_padding, self.seed = augmentation, crop_padding, seed
         self.eval_batch_size, self.eval_steps = eval_batch_size, eval_steps
         self.val_loss, self.test_loss, self.test_every = val_loss, test_loss, test_every
+        self.select = select
         self.channels_last = channels_last
         if compile not in COMPILE_CHOICES:
             raise ValueError(f"compile must be false, true or a torch.compile mode, got {compile!r}")
@@ -162,8 +167,10 @@ class AdversarialTraining(pl.LightningModule):
             out = trades_loss(model, x, y, self.attack, beta=self.beta,
                               label_smoothing=self.label_smoothing, generator=g, index=batch["position"],
                               total=batch["global_size"])
-        else:
+        elif self.loss_name == "pgd_at":
             out = pgd_at_loss(model, x, y, self.attack, label_smoothing=self.label_smoothing, generator=g)
+        else:
+            out = standard_loss(model, x, y, label_smoothing=self.label_smoothing)
         if first_step:
             set_bn_momentum(self.model, 0.01)
         with torch.no_grad():
@@ -229,14 +236,17 @@ class AdversarialTraining(pl.LightningModule):
                        train_acc_natural=s[3] / n, train_acc_adv=s[4] / n)
         with torch.inference_mode(False):
             row["test_clean_acc"] = self._count("test", None, 0)
+            if self.select == "clean":
+                row["val_clean_acc"] = self._count("val", None, 3)
             row["val_pgd_acc"] = self._count("val", self.val_loss, 1)
             last = epoch + 1 == self.epochs
             row["test_pgd_acc"] = (self._count("test", self.test_loss, 2)
                                    if last or (epoch + 1) % self.test_every == 0 else None)
         # Ties go to the later epoch.
-        self.last_is_best = row["val_pgd_acc"] >= self.best_score
+        score = row[f"val_{self.select}_acc"]
+        self.last_is_best = score >= self.best_score
         if self.last_is_best:
-            self.best_score, self.best_epoch = row["val_pgd_acc"], epoch + 1
+            self.best_score, self.best_epoch = score, epoch + 1
         row["is_best"] = self.last_is_best
         self.history.append(row)
         self.log_dict({f"epoch/{k}": float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"},

@@ -17,7 +17,7 @@ from pytorch_lightning.callbacks import Checkpoint
 from ..utils.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
 
 HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_loss_natural", "train_loss_robust", "train_acc_natural",
-                  "train_acc_adv", "test_clean_acc", "val_pgd_acc", "test_pgd_acc", "is_best"]
+                  "train_acc_adv", "test_clean_acc", "val_clean_acc", "val_pgd_acc", "test_pgd_acc", "is_best"]
 
 
 class AtomicCheckpointIO(CheckpointIO):
@@ -43,10 +43,12 @@ def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_json(run_dir / "history.json", history)
 
 
-def summarise(history: list[dict[str, Any]], finished: bool) -> dict[str, Any]:
+def summarise(history: list[dict[str, Any]], finished: bool, select: str = "pgd") -> dict[str, Any]:
+    """best = the epoch with the highest validation accuracy of kind ``select`` (pgd: the reference; clean:
+    standard-trained classifiers), ties -> later epoch."""
     if not history:
         return {"finished": finished}
-    best = max(history, key=lambda r: (r["val_pgd_acc"], r["epoch"]))  # ties -> later epoch
+    best = max(history, key=lambda r: (r[f"val_{select}_acc"], r["epoch"]))
     last = history[-1]
     tested = [r for r in history if r.get("test_pgd_acc") is not None]
     return {
@@ -55,6 +57,7 @@ def summarise(history: list[dict[str, Any]], finished: bool) -> dict[str, Any]:
         "test_clean_acc_best": best["test_clean_acc"], "test_clean_acc_last": last["test_clean_acc"],
         "test_pgd_acc_best": best.get("test_pgd_acc"),
         "test_pgd_acc_last": tested[-1]["test_pgd_acc"] if tested else None,
+        "selected_by": f"val_{select}_acc",
         "finished": finished,
     }
 
@@ -119,7 +122,7 @@ class RunCheckpoint(Checkpoint):
         if trainer.is_global_zero:
             write_history(self.run_dir, pl_module.history)
             last = len(pl_module.history) and pl_module.history[-1]["epoch"] == pl_module.epochs
-            atomic_write_json(self.run_dir / "summary.json", summarise(pl_module.history, finished=bool(last)))
+            atomic_write_json(self.run_dir / "summary.json", summarise(pl_module.history, finished=bool(last), select=pl_module.select))
 
     def state_dict(self) -> dict:
         return {}

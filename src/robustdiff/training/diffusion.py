@@ -252,11 +252,14 @@ class EDMTraining(pl.LightningModule):
 
 class EDMSnapshot(Checkpoint):
     """Every ``snapshot_kimg`` (and at the end, and on SIGTERM/SIGUSR1): ``checkpoints/last.ckpt``,
-    ``network.pt`` and a sample grid of the EMA network. ``interrupt_after_steps`` simulates a signal."""
+    ``network.pt`` and a sample grid of the EMA network; scheduled snapshots also keep
+    ``snapshots/network-<kimg>.pt``. ``interrupt_after_steps`` simulates a signal."""
 
     def __init__(self, run_dir: Path, snapshot_kimg: float, grid_rows: int = 4, grid_steps: int = 18,
-                 grid_seed: int = 0, interrupt_after_steps: int | None = None, extra: dict | None = None):
+                 grid_seed: int = 0, interrupt_after_steps: int | None = None, extra: dict | None = None,
+                 keep_networks: bool = True):
         super().__init__()
+        self.keep_networks = keep_networks
         self.run_dir = Path(run_dir)
         self.snapshot_images = max(1, round(snapshot_kimg * 1000))
         self.grid_rows, self.grid_steps, self.grid_seed = grid_rows, grid_steps, grid_seed
@@ -297,15 +300,20 @@ class EDMSnapshot(Checkpoint):
             pl_module.interrupted = True
             trainer.should_stop = True
         if due or last or stop:
-            self.snapshot(trainer, pl_module, finished=last and not stop)
+            self.snapshot(trainer, pl_module, finished=last and not stop, scheduled=due or last)
 
-    def snapshot(self, trainer: pl.Trainer, pl_module: EDMTraining, finished: bool) -> None:
+    def snapshot(self, trainer: pl.Trainer, pl_module: EDMTraining, finished: bool, scheduled: bool = False) -> None:
         trainer.save_checkpoint(self.last_path, weights_only=False)  # full state (optimiser, loops, data)
         if not trainer.is_global_zero:
             return
         images = pl_module.images_seen
         save_network(self.run_dir / "network.pt", pl_module.net_kwargs, pl_module.ema,
                      {"kimg": images / 1000, **self.extra})
+        if scheduled and self.keep_networks:
+            # Like NVIDIA's network-snapshot-*.pkl: every scheduled snapshot stays, so generators of several
+            # training lengths come from one run (a snapshot at k kimg is what a k-kimg run would end with).
+            save_network(self.run_dir / "snapshots" / f"network-{kimg_label(images)}.pt", pl_module.net_kwargs,
+                         pl_module.ema, {"kimg": images / 1000, **self.extra})
         path = self.run_dir / "samples" / f"grid-{kimg_label(images)}.png"
         if self.grid_rows > 0:
             grid = sample_grid(pl_module.ema, pl_module.net.label_dim, self.grid_rows, self.grid_seed, self.grid_steps)

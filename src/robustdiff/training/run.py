@@ -91,6 +91,10 @@ def validate(cfg: DictConfig) -> AttackConfig:
     need(cfg.limit_train is None or (isinstance(cfg.limit_train, int) and cfg.limit_train > cfg.val_size + 1),
          f"limit_train={cfg.limit_train!r} must leave training images after the {cfg.val_size} validation images")
     need(isinstance(cfg.eval.steps, int) and cfg.eval.steps >= 1, f"eval.steps={cfg.eval.steps!r} must be >= 1")
+    need(cfg.loss in ("trades", "pgd_at", "ce"), f"loss={cfg.loss!r}: choose trades (the paper), pgd_at or ce "
+         "(standard training, no attack: for the classifiers that measure generated data)")
+    need(cfg.eval.get("select", "pgd") in ("pgd", "clean"), f"eval.select={cfg.eval.get('select')!r}: choose pgd "
+         "(best epoch = highest validation PGD accuracy, the reference) or clean")
     need(isinstance(cfg.eval.test_every, int) and cfg.eval.test_every >= 1,
          f"eval.test_every={cfg.eval.test_every!r} must be >= 1")
     precisions = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "auto")
@@ -116,7 +120,8 @@ def describe(cfg: DictConfig, attack: AttackConfig, n_generated: int) -> dict[st
         "ratio": float(cfg.ratio) if cfg.generated else 1.0, "generated_sampling": cfg.generated_sampling,
         "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": float(cfg.lr), "beta": float(cfg.beta),
         "seed": cfg.seed, "limit_train": cfg.limit_train, "val_size": cfg.val_size,
-        "eval": {"steps": int(cfg.eval.steps), "val_loss": cfg.eval.val_loss, "test_loss": cfg.eval.test_loss},
+        "eval": {"steps": int(cfg.eval.steps), "val_loss": cfg.eval.val_loss, "test_loss": cfg.eval.test_loss,
+                 "select": cfg.eval.get("select", "pgd")},
         "precision": str(cfg.precision),
     }
 
@@ -224,6 +229,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         ema_warmup=float(cfg.ema_warmup), augmentation=info.augmentation, crop_padding=info.crop_padding,
         seed=cfg.seed, eval_batch_size=cfg.eval.batch_size, eval_steps=cfg.eval.steps,
         val_loss=cfg.eval.val_loss, test_loss=cfg.eval.test_loss, test_every=cfg.eval.test_every,
+        select=cfg.eval.get("select", "pgd"),
         channels_last=bool(cfg.channels_last), compile=cfg.get("compile", False),
     )
     module.set_eval_data(dm.val, dm.test)
