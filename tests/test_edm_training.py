@@ -75,6 +75,13 @@ def test_short_run_lowers_loss_and_writes_run_files(tmp_path):
     assert info["kwargs"] == desc["kwargs"] and info["kimg"] == pytest.approx(0.48)
     assert net.label_dim == 10 and net.img_resolution == 16 and net.img_channels == 1
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["grid-000000.24.png", "grid-000000.48.png"]
+    # Every scheduled snapshot keeps its network (generators of two training lengths from one run).
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["network-000000.24.pt", "network-000000.48.pt"]
+    early, _ = load_network(run / "snapshots" / "network-000000.24.pt")
+    final, info_final = load_network(run / "snapshots" / "network-000000.48.pt")
+    assert info_final["kimg"] == pytest.approx(0.48)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in final.state_dict().items())
+    assert not all(torch.equal(v, net.state_dict()[k]) for k, v in early.state_dict().items())
     from PIL import Image
 
     assert Image.open(run / "samples" / "grid-000000.48.png").size == (16 * 10, 16)
@@ -99,6 +106,8 @@ def test_interrupted_run_resumes_exactly(tmp_path):
         assert torch.equal(value, b["state_dict"][key]), key
     for key, value in a["optimizer_states"][0]["state"].items():
         assert all(torch.equal(v, b["optimizer_states"][0]["state"][key][k]) for k, v in value.items())
+    # A snapshot forced by the signal is not a scheduled one: only the end's network is kept.
+    assert [p.name for p in (tmp_path / "resumed" / "snapshots").iterdir()] == ["network-000000.096.pt"]
     na = torch.load(tmp_path / "straight" / "network.pt", weights_only=True)
     nb = torch.load(tmp_path / "resumed" / "network.pt", weights_only=True)
     assert all(torch.equal(v, nb["ema"][k]) for k, v in na["ema"].items())

@@ -210,6 +210,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     store = dm.open_store()  # shape/class checks before anything long
     desc = describe(cfg, attack, len(store) if store is not None else 0)
     desc["name"] = run_dir.name
+    if store is not None:  # the generated data's measured quality (robustdiff-fid score), not part of the identity
+        desc["generated_quality"] = store.manifest.get("quality", [])
     check_resume(run_dir, desc)
     summary_path = run_dir / "summary.json"
     if summary_path.is_file() and json.loads(summary_path.read_text()).get("finished"):
