@@ -9,7 +9,8 @@ TINY_DEMO = ["--edm-kimg", "0.192", "--edm-limit-train", "512", "--n-generated",
              "--model", "wrn-10-1", "--epochs", "1", "--batch-size", "32", "--limit-train", "320", "--val-size", "64",
              "--limit-test", "64", "--ratio", "0.5", "--aa-n", "8", "--aa-attacks", "apgd-ce",
              "--train-override", "norm.steps=2", "--train-override", "eval.steps=3",
-             "--train-override", "logger=none"]
+             "--train-override", "logger=none", "--classifier-limit-train", "640", "--classifier-epochs", "1",
+             "--fd-reference", "200"]
 
 
 def test_demo_pipeline_runs_every_stage_and_resumes(tmp_path):
@@ -31,8 +32,16 @@ def test_demo_pipeline_runs_every_stage_and_resumes(tmp_path):
     assert result["report"] == out / "report.md" and "real" in report and "generated" in report
     assert len(list((out / "figures").glob("*.png"))) == 2
     assert {r["run"] for r in result["rows"]} == {"real", "generated"}
+    # The report says how good the generator's data is, beside the runs and in its own section.
+    q = json.loads((out / "quality" / "quality.json").read_text())
+    assert q["generated"]["n"] == 40 and q["floor"]["n"] == 40 and q["floor"]["source"] == "fashionmnist:train[50000:50040]"
+    assert json.loads((gen / "run.json").read_text())["generated_quality"][0]["value"] == q["generated"]["value"]
+    assert "## Generator quality" in report and f"{q['generated']['value']:.4f}" in report
+    assert "farther from real test images than held-out real images" in report
+    assert next(r for r in result["rows"] if r["run"] == "generated")["gen_fd"].endswith("(clf)")
 
     stamps = {p: p.stat().st_mtime_ns for p in [out / "generator" / "edm" / "network.pt", real / "model.pt",
+                                                 out / "quality" / "quality.json",
                                                  gen / "model.pt", real / "eval.json", gen / "eval.json",
                                                  *sorted((out / "generator" / "store").glob("*.npy"))]}
     again = run_demo(args)

@@ -121,8 +121,14 @@ def train_classifier(spec: DictConfig, out: Path, data_dir: str) -> Path:
 
 def reference_statistics(spec: DictConfig, out: Path, classifier: Path, data_dir: str) -> dict[str, Any]:
     from ..data.datasets import get_info, load_split
-    from ..evaluation.generative import batches_of, compute_statistics, feature_extractor, label_agreement, \
-        load_statistics, save_statistics
+    from ..evaluation.generative import (
+        batches_of,
+        compute_statistics,
+        feature_extractor,
+        load_statistics,
+        real_floor,
+        save_statistics,
+    )
     from ..utils.io import atomic_write_json
 
     qdir = out / "quality"
@@ -149,11 +155,8 @@ def reference_statistics(spec: DictConfig, out: Path, classifier: Path, data_dir
         save_statistics(ref_path, stats)
     ref = load_statistics(ref_path)
     images, labels, source = split(spec.floor, spec.generate.n)
-    floor = compute_statistics(features, batches_of(images), meta={**meta, "source": source})
-    agree = label_agreement(clf, batches_of(images, labels), info.num_classes)
-    result = {"metric": "classifier_fd", "value": floor.distance(ref), "n": floor.n, "source": source,
-              "reference": str(ref_path), "reference_source": ref.meta.get("source"),
-              "label_agreement": agree["label_agreement"], "label_agreement_per_class": agree["per_class"], **meta}
+    result = real_floor(features, clf, ref, images, labels, info.num_classes, source, meta)
+    result["reference"] = str(ref_path)
     atomic_write_json(floor_path, result)
     print(f"robustdiff-study: real images {source}: classifier FD {result['value']:.3f}, "
           f"label agreement {100 * result['label_agreement']:.2f}% (the floor)")

@@ -386,9 +386,20 @@ def score_store(store_path: str | os.PathLike, ref_path: str | os.PathLike, *, f
     return result
 
 
+def real_floor(extractor: nn.Module, classifier: nn.Module, ref: Statistics, images: np.ndarray, labels: np.ndarray,
+               num_classes: int, source: str, meta: dict[str, Any], batch_size: int = 500) -> dict[str, Any]:
+    """FD and label agreement of *real* held-out images against ``ref``: what a perfect generator would score with
+    as many images (FD is biased upwards for small sets, so compare generators with the floor at the same n)."""
+    stats = compute_statistics(extractor, batches_of(images, None, batch_size), meta=meta)
+    agree = label_agreement(classifier, batches_of(images, labels, batch_size), num_classes)
+    return {"metric": "classifier_fd" if meta.get("features") == "classifier" else "fid",
+            "value": stats.distance(ref), "n": stats.n, "source": source, "reference_source": ref.meta.get("source"),
+            "label_agreement": agree["label_agreement"], "label_agreement_per_class": agree["per_class"], **meta}
+
+
 __all__ = [
     "FEATURE_KINDS", "DEFAULT_N", "QualityError", "Statistics", "frechet_distance", "save_statistics",
     "load_statistics", "ClassifierFeatures", "InceptionFeatures", "load_inception", "find_inception_weights",
     "load_feature_classifier", "compute_statistics", "label_agreement", "batches_of", "store_batches",
-    "feature_extractor", "check_same_space", "score_store",
+    "feature_extractor", "check_same_space", "score_store", "real_floor",
 ]

@@ -36,6 +36,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("ratio", "ratio"),
     ("epochs", "epochs"),
     ("n_generated", "generated"),
+    ("gen_fd", "generated FD"),
+    ("gen_label_agreement", "label agreement (%)"),
     ("best_epoch", "best epoch"),
     ("pgd_steps", "PGD steps"),
     ("clean_best", "clean best (%)"),
@@ -208,6 +210,23 @@ def pgd_steps(run: Run) -> int | None:
     return int(steps) if steps is not None else None
 
 
+def generated_quality(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The latest quality measurement (robustdiff-fid) of a run's generated data: recorded in run.json when the
+    run started, else read from the store's manifest when the store is still there."""
+    records = config.get("generated_quality")
+    if not records and config.get("generated"):
+        manifest = Path(str(config["generated"])) / "manifest.json"
+        if manifest.is_file():
+            try:
+                records = json.loads(manifest.read_text()).get("quality")
+            except (OSError, json.JSONDecodeError):
+                records = None
+    if not records:
+        return None
+    fids = [q for q in records if q.get("metric") == "fid"]  # FID where measured, else classifier FD
+    return (fids or records)[-1]
+
+
 def run_row(run: Run, root: Path | None = None) -> dict[str, Any]:
     """One comparison-table row: settings, best/last accuracies (%), eval.json results, the paper's numbers."""
     c, s, e = run.config, run.summary or {}, run.evaluation or {}
@@ -227,6 +246,10 @@ def run_row(run: Run, root: Path | None = None) -> dict[str, Any]:
         warnings.append("training has not finished")
     if not s:
         warnings.append("no summary.json")
+    quality = generated_quality(c) if c.get("generated") else None
+    gen_fd = None
+    if quality is not None:
+        gen_fd = f"{quality['value']:.2f} ({'FID' if quality.get('metric') == 'fid' else 'clf'})"
     return {
         "run": run.name,
         "path": _relpath(run.path, root),
@@ -237,6 +260,8 @@ def run_row(run: Run, root: Path | None = None) -> dict[str, Any]:
         "ratio": c.get("ratio"),
         "epochs": c.get("epochs"),
         "n_generated": c.get("n_generated") or 0,
+        "gen_fd": gen_fd,
+        "gen_label_agreement": _p(quality.get("label_agreement")) if quality else None,
         "best_epoch": s.get("best_epoch"),
         "last_epoch": s.get("last_epoch"),
         "pgd_steps": pgd_steps(run),
@@ -281,7 +306,8 @@ def _fmt(key: str, v: Any) -> str:
 def render_markdown(rows: Sequence[dict[str, Any]], figures: dict[str, str], title: str) -> str:
     intro = (f"{len(rows)} run(s). Accuracies in %. *best* = the checkpoint with the best validation PGD "
              "(model.pt; *PGD steps* = the attack's steps during training), *last* = the final epoch; eval and AutoAttack columns come from eval.json (best "
-             "checkpoint; see *eval points* for how many test images). Paper columns: Wang et al. (ICML 2023) "
+             "checkpoint; see *eval points* for how many test images). *generated FD*: the generated data's FID, or "
+             "(clf) its classifier FD, with the classifier's label agreement (robustdiff-fid score). Paper columns: Wang et al. (ICML 2023) "
              "for the same dataset, norm, model and amount of generated data, when published.")
     lines = [f"# {title}", "", intro, ""]
     lines.append("| " + " | ".join(h for _, h in COLUMNS) + " |")
