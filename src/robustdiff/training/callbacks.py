@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,24 @@ from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from pytorch_lightning.callbacks import Checkpoint
 
 from ..utils.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
+
+# Testing aid for crash consistency: "<file>" or "<file>@<epoch>" makes the process die (SimulatedKill) right
+# after publishing that file (best.ckpt, model.pt, history, summary.json, last.ckpt) at that epoch
+# (EDM: network.pt, summary.json, last.ckpt at that optimiser step).
+KILL_ENV = "ROBUSTDIFF_KILL_AFTER"
+
+
+class SimulatedKill(BaseException):
+    """Raised by ``kill_point``: a crash at a publication point (BaseException so nothing catches it)."""
+
+
+def kill_point(name: str, epoch: int | None = None) -> None:
+    want = os.environ.get(KILL_ENV)
+    if not want:
+        return
+    target, _, at = want.partition("@")
+    if target == name and (not at or epoch is None or int(at) == epoch):
+        raise SimulatedKill(f"{KILL_ENV}={want}: killed after publishing {name}")
 
 HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_loss_natural", "train_loss_robust", "train_acc_natural",
                   "train_acc_adv", "test_clean_acc", "val_clean_acc", "val_pgd_acc", "test_pgd_acc", "is_best"]
@@ -41,6 +60,22 @@ def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in HISTORY_FIELDS})
     atomic_write_text(run_dir / "history.csv", buf.getvalue())
     atomic_write_json(run_dir / "history.json", history)
+
+
+def republish(run_dir: Path, epochs: int, select: str = "pgd") -> dict[str, Any] | None:
+    """history.* and summary.json re-derived from ``checkpoints/last.ckpt`` (the commit record), so a crash
+    between publications never leaves them ahead of or behind it. Returns the summary, or None without
+    last.ckpt."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return None
+    state = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("robustdiff", {})
+    history = list(state.get("history", []))
+    finished = bool(history) and history[-1]["epoch"] == epochs
+    summary = summarise(history, finished=finished, select=select)
+    write_history(run_dir, history)
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary
 
 
 def summarise(history: list[dict[str, Any]], finished: bool, select: str = "pgd") -> dict[str, Any]:
@@ -112,17 +147,30 @@ class RunCheckpoint(Checkpoint):
             trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Publish the epoch. ``last.ckpt`` goes last: it is the commit record. A crash before it leaves the
+        previous epoch's last.ckpt, the rerun redoes this epoch (bit for bit) and republishes everything; files
+        published before the crash are the same ones again. Whether a run is finished is read from last.ckpt."""
         if pl_module.interrupted:
             return
-        trainer.save_checkpoint(self.last_path, weights_only=False)
+        epoch = pl_module.history[-1]["epoch"] if pl_module.history else None
         if pl_module.last_is_best:
             trainer.save_checkpoint(self.ckpt_dir / "best.ckpt", weights_only=False)
+            kill_point("best.ckpt", epoch)
             if trainer.is_global_zero:
                 atomic_torch_save(pl_module.ema.module.state_dict(), self.run_dir / "model.pt")
+                kill_point("model.pt", epoch)
         if trainer.is_global_zero:
             write_history(self.run_dir, pl_module.history)
+            kill_point("history", epoch)
             last = len(pl_module.history) and pl_module.history[-1]["epoch"] == pl_module.epochs
-            atomic_write_json(self.run_dir / "summary.json", summarise(pl_module.history, finished=bool(last), select=pl_module.select))
+            atomic_write_json(self.run_dir / "summary.json",
+                              summarise(pl_module.history, finished=bool(last), select=pl_module.select))
+            kill_point("summary.json", epoch)
+        trainer.save_checkpoint(self.last_path, weights_only=False)
+        kill_point("last.ckpt", epoch)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)  # give the signal handlers back
 
     def state_dict(self) -> dict:
         return {}
@@ -132,4 +180,5 @@ def fmt_acc(value: float | None) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
 
 
-__all__ = ["AtomicCheckpointIO", "RunCheckpoint", "write_history", "summarise", "fmt_acc", "atomic_path"]
+__all__ = ["AtomicCheckpointIO", "RunCheckpoint", "write_history", "summarise", "republish", "fmt_acc", "atomic_path",
+           "kill_point", "SimulatedKill", "KILL_ENV"]

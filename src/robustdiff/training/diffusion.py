@@ -47,7 +47,8 @@ from ..diffusion.sampler import sample_images
 from ..models.unet import UNET_PRESETS, resolution_pyramid, unet_preset
 from ..utils.io import atomic_path, atomic_torch_save, atomic_write_json
 from .adversarial import step_seed
-from .run import ConfigError, check_resume, make_trainer, write_run_files
+from .callbacks import kill_point
+from .run import ConfigError, check_resume, is_launching_process, make_trainer, write_run_files
 
 NETWORK_FORMAT = "robustdiff-edm-network"
 # Fields that define what an EDM run is: resuming with any of them changed is refused.
@@ -250,6 +251,10 @@ class EDMTraining(pl.LightningModule):
 # ---------------------------------------------------------------------------------------------------- run files
 
 
+def edm_summary(finished: bool, images: int, steps: int) -> dict[str, Any]:
+    return {"finished": bool(finished), "kimg": images / 1000, "steps": int(steps)}
+
+
 class EDMSnapshot(Checkpoint):
     """Every ``snapshot_kimg`` (and at the end, and on SIGTERM/SIGUSR1): ``checkpoints/last.ckpt``,
     ``network.pt`` and a sample grid of the EMA network; scheduled snapshots also keep
@@ -303,24 +308,31 @@ class EDMSnapshot(Checkpoint):
             self.snapshot(trainer, pl_module, finished=last and not stop, scheduled=due or last)
 
     def snapshot(self, trainer: pl.Trainer, pl_module: EDMTraining, finished: bool, scheduled: bool = False) -> None:
-        trainer.save_checkpoint(self.last_path, weights_only=False)  # full state (optimiser, loops, data)
-        if not trainer.is_global_zero:
-            return
-        images = pl_module.images_seen
-        save_network(self.run_dir / "network.pt", pl_module.net_kwargs, pl_module.ema,
-                     {"kimg": images / 1000, **self.extra})
-        if scheduled and self.keep_networks:
-            # Like NVIDIA's network-snapshot-*.pkl: every scheduled snapshot stays, so generators of several
-            # training lengths come from one run (a snapshot at k kimg is what a k-kimg run would end with).
-            save_network(self.run_dir / "snapshots" / f"network-{kimg_label(images)}.pt", pl_module.net_kwargs,
-                         pl_module.ema, {"kimg": images / 1000, **self.extra})
-        path = self.run_dir / "samples" / f"grid-{kimg_label(images)}.png"
-        if self.grid_rows > 0:
-            grid = sample_grid(pl_module.ema, pl_module.net.label_dim, self.grid_rows, self.grid_seed, self.grid_steps)
-            save_png(path, grid)
-            log_image(trainer, path, images)
-        atomic_write_json(self.run_dir / "summary.json", {"finished": finished, "kimg": images / 1000,
-                                                          "steps": int(trainer.global_step)})
+        """Publish a snapshot; ``last.ckpt`` (full state: optimiser, loops, data) goes last as the commit record,
+        so a crash part-way leaves the previous snapshot's state, and the rerun redoes and republishes this one."""
+        if trainer.is_global_zero:
+            images = pl_module.images_seen
+            save_network(self.run_dir / "network.pt", pl_module.net_kwargs, pl_module.ema,
+                         {"kimg": images / 1000, **self.extra})
+            kill_point("network.pt", int(trainer.global_step))
+            if scheduled and self.keep_networks:
+                # Like NVIDIA's network-snapshot-*.pkl: every scheduled snapshot stays, so generators of several
+                # training lengths come from one run (a snapshot at k kimg is what a k-kimg run would end with).
+                save_network(self.run_dir / "snapshots" / f"network-{kimg_label(images)}.pt", pl_module.net_kwargs,
+                             pl_module.ema, {"kimg": images / 1000, **self.extra})
+            path = self.run_dir / "samples" / f"grid-{kimg_label(images)}.png"
+            if self.grid_rows > 0:
+                grid = sample_grid(pl_module.ema, pl_module.net.label_dim, self.grid_rows, self.grid_seed,
+                                   self.grid_steps)
+                save_png(path, grid)
+                log_image(trainer, path, images)
+            atomic_write_json(self.run_dir / "summary.json", edm_summary(finished, images, trainer.global_step))
+            kill_point("summary.json", int(trainer.global_step))
+        trainer.save_checkpoint(self.last_path, weights_only=False)
+        kill_point("last.ckpt", int(trainer.global_step))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: EDMTraining, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)  # give the signal handlers back
 
     def state_dict(self) -> dict:
         return {}
@@ -397,7 +409,13 @@ def train_edm(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     desc["name"] = run_dir.name
     check_resume(run_dir, desc, IDENTITY_FIELDS, kind="EDM run")
     summary_path = run_dir / "summary.json"
-    if summary_path.is_file() and json.loads(summary_path.read_text()).get("finished"):
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file() and is_launching_process():
+        # last.ckpt is the commit record: summary.json is re-derived from it (a crash between the two must not
+        # leave a run that looks finished).
+        step = int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        atomic_write_json(summary_path, edm_summary(step >= desc["max_steps"], step * int(cfg.edm.batch_size), step))
+    if last.is_file() and summary_path.is_file() and json.loads(summary_path.read_text()).get("finished"):
         summary = json.loads(summary_path.read_text())
         print(f"robustdiff-edm: {run_dir} is already finished ({summary.get('kimg')} kimg); nothing to do.")
         return summary

@@ -21,7 +21,7 @@ from ..models.wrn import WideResNet
 from ..utils.hardware import COMPILE_CHOICES, COMPILE_MODES, resolve_precision
 from ..utils.io import atomic_write_json, atomic_write_text
 from .adversarial import AdversarialTraining
-from .callbacks import AtomicCheckpointIO, RunCheckpoint, fmt_acc
+from .callbacks import AtomicCheckpointIO, RunCheckpoint, fmt_acc, republish
 
 # Our LightningModule, not the DataModule, moves batches to the device on purpose (augmentation on device).
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
@@ -34,6 +34,16 @@ IDENTITY_FIELDS = ("dataset", "model", "num_classes", "in_channels", "norm", "lo
 
 class ConfigError(ValueError):
     pass
+
+
+def is_launching_process() -> bool:
+    """True in the process a user started (global rank 0 before any Trainer exists); false in the DDP ranks
+    that Lightning or SLURM start for the same job."""
+    for var in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"):
+        value = os.environ.get(var)
+        if value not in (None, "", "0"):
+            return False
+    return True
 
 
 def parse_number(value: Any, field: str) -> float:
@@ -214,10 +224,16 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         desc["generated_quality"] = store.manifest.get("quality", [])
     check_resume(run_dir, desc)
     summary_path = run_dir / "summary.json"
-    if summary_path.is_file() and json.loads(summary_path.read_text()).get("finished"):
-        summary = json.loads(summary_path.read_text())
-        print(f"robustdiff: {run_dir} is already finished (best epoch {summary.get('best_epoch')}); nothing to do.")
-        return summary
+    select = cfg.eval.get("select", "pgd")
+    # last.ckpt is the commit record: history and summary are re-derived from it, so a crash between two
+    # publications of an epoch never leaves a run that looks finished (or unfinished) when it is not.
+    if is_launching_process():
+        committed = republish(run_dir, cfg.epochs, select)
+    else:
+        committed = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    if committed is not None and committed.get("finished"):
+        print(f"robustdiff: {run_dir} is already finished (best epoch {committed.get('best_epoch')}); nothing to do.")
+        return committed
 
     dm.setup("fit")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
