@@ -102,3 +102,69 @@ def test_edm_crash_at_the_last_snapshot_then_rerun_equals_a_straight_run(point, 
         assert same(a, b), name
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == json.loads(
         (tmp_path / "straight" / "summary.json").read_text())
+
+
+HOLD = ("import sys\nfrom robustdiff.utils.lock import DirectoryLock\n"
+        "lock = DirectoryLock(sys.argv[1], 'robustdiff-train').acquire()\nprint('locked', flush=True)\nsys.stdin.read()\n")
+
+
+def test_a_second_process_on_one_directory_is_refused_naming_the_holder(tmp_path):
+    import subprocess
+    import sys
+
+    from robustdiff.utils.lock import DirectoryLockedError
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(DirectoryLockedError, match=rf"in use by process {holder.pid} on .*robustdiff-train"):
+            train(compose_train(*TINY, "epochs=1"), run)
+        assert not (run / "run.json").exists()  # refused before writing anything
+        # Evaluating into the directory while it is held: refused before any attack.
+        from robustdiff.cli.evaluate import main as eval_main
+
+        (run / "run.json").write_text("{}")
+        with pytest.raises(SystemExit, match=f"process {holder.pid}"):
+            eval_main([str(run), "--dataset", "fashionmnist", "--norm", "linf", "--attacks", "clean"])
+        (run / "run.json").unlink()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    # The holder is gone (the kernel drops its lock): the same command now runs.
+    assert train(compose_train(*TINY, "epochs=1"), run)["finished"]
+
+
+def test_generation_into_a_store_another_process_writes_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from robustdiff.cli.generate import GenerationError, generate
+
+    out = tmp_path / "store"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cfg = {"network": str(tmp_path / "none.pt"), "n": 10, "out": str(out), "dataset": None,
+               "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto", "num_nodes": 1}}
+        with pytest.raises(GenerationError, match=f"process {holder.pid}"):
+            generate(cfg)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+@pytest.mark.parametrize("change", ["lr=0.05", "beta=3.0", "label_smoothing=0.2", "ema_decay=0.9",
+                                    "weight_decay=0.001", "eval.steps=5", "precision=bf16-mixed"])
+def test_resume_with_a_changed_hyperparameter_is_refused(change, tmp_path):
+    run = tmp_path / "run"
+    first = train(compose_train(*TINY, "epochs=2", "interrupt_after_steps=2"), run)
+    assert first.get("interrupted") and not first["finished"]
+    before = {p.name: p.read_bytes() for p in run.glob("*.json")}
+    with pytest.raises(ConfigError, match=rf"{change.split('=')[0]}: run has .* you asked for"):
+        train(compose_train(*TINY, "epochs=2", change), run)
+    assert {p.name: p.read_bytes() for p in run.glob("*.json")} == before  # nothing rewritten
+    # What may change on resume does not count: the evaluation batch size, the logger, the devices.
+    assert train(compose_train(*TINY, "epochs=2", "eval.batch_size=64", "logger=csv"), run)["finished"]

@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from ..evaluation.robustness import (
     parse_eps,
     write_eval_results,
 )
+from ..utils.lock import DirectoryLock, DirectoryLockedError
 
 log = logging.getLogger("robustdiff.eval")
 
@@ -210,8 +212,48 @@ def _test_tensors(dataset: str, data_dir: str | None, n: int | None, device: tor
     return x.contiguous(), torch.from_numpy(labels).to(device)
 
 
+def output_dir(args: argparse.Namespace) -> Path:
+    return args.out if args.out is not None else (
+        args.target if args.target.is_dir() else args.target.with_name(args.target.stem + "_eval"))
+
+
+def check_output(out: Path) -> None:
+    """Before any attack: the output directory can be written, and an eval.json there is one of ours."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"robustdiff-eval: --out {out} is a file; give a directory (eval.json and eval.md go there)")
+    existing = out / "eval.json"
+    if existing.is_file():
+        try:
+            ours = "settings" in json.loads(existing.read_text())
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise SystemExit(f"robustdiff-eval: {existing} exists and is not a robustdiff-eval result; choose another "
+                             f"--out (nothing was overwritten)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise SystemExit(f"robustdiff-eval: cannot write results to {out} ({e.strerror or e}); fix its permissions "
+                         f"or pass --out DIR — checked before any attack runs") from None
+
+
 def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     s, sources = resolve_settings(args)
+    out = output_dir(args)
+    check_output(out)
+    try:
+        lock = DirectoryLock(out, "robustdiff-eval").acquire()  # training or another eval writing here: refuse
+    except DirectoryLockedError as e:
+        raise SystemExit(f"robustdiff-eval: {e}") from None
+    try:
+        return _run_evaluation(args, s, sources, out)
+    finally:
+        lock.release()
+
+
+def _run_evaluation(args: argparse.Namespace, s: dict[str, Any], sources: dict[str, str], out: Path) -> dict[str, Any]:
     for key in ("dataset", "norm", "eps", "n_examples", "attacks", "seed"):
         log.info("setting %s = %s (%s)", key, format_eps(s[key]) if key == "eps" else s[key], sources[key])
     device = torch.device(s["device"])
@@ -229,8 +271,6 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     elif s["expected_clean"] is not None and s["expected_clean"] > 1:
         s["expected_clean"] /= 100  # given in percent
     x, y = _test_tensors(s["dataset"], s["data_dir"], s["n_examples"], device)
-    out = args.out if args.out is not None else (
-        args.target if args.target.is_dir() else args.target.with_name(args.target.stem + "_eval"))
     results: dict[str, Any] = {
         "settings": {k: v for k, v in s.items() if k != "run_model"},
         "sources": sources,

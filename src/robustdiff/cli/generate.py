@@ -424,9 +424,28 @@ def generate(cfg: DictConfig | dict) -> dict | None:
             raise GenerationError(f"{key}=... is required (e.g. network=runs/edm/<run>/network.pt n=10000 "
                                   f"out=data/generated/fmnist-10k)")
     t = cfg["trainer"]
-    fabric = Fabric(accelerator=t["accelerator"], devices=t["devices"], strategy=t["strategy"],
-                    num_nodes=t["num_nodes"])
-    return fabric.launch(run_generation, cfg)
+    from ..training.run import is_launching_process
+    from ..utils.lock import DirectoryLock, DirectoryLockedError
+
+    locks = []
+    if is_launching_process():  # one generation per store (the ranks it starts don't take the lock)
+        out = Path(cfg["out"])
+        targets = [out]
+        if cfg.get("classifier"):
+            targets.append(Path(cfg["candidates"]) if cfg.get("candidates") else out.with_name(out.name + "-candidates"))
+        try:
+            locks = [DirectoryLock(p, "robustdiff-generate").acquire() for p in targets]
+        except DirectoryLockedError as e:
+            for lock in locks:
+                lock.release()
+            raise GenerationError(str(e)) from None
+    try:
+        fabric = Fabric(accelerator=t["accelerator"], devices=t["devices"], strategy=t["strategy"],
+                        num_nodes=t["num_nodes"])
+        return fabric.launch(run_generation, cfg)
+    finally:
+        for lock in locks:
+            lock.release()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")

@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ..training.run import ConfigError, train
+from ..utils.lock import DirectoryLockedError
 from .sweep import ddp_job, own_job_argv, requeue_slurm_job
 
 
@@ -39,7 +40,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         with ddp_job():  # under -m: DDP ranks run this job only
             summary = train(cfg, run_dir)
-    except ConfigError as e:
+    except (ConfigError, DirectoryLockedError) as e:
         print(f"robustdiff-train: error: {e}", file=sys.stderr)
         sys.exit(2)
     requeue_slurm_job(summary)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from ..training.diffusion import train_edm
 from ..training.run import ConfigError
+from ..utils.lock import DirectoryLockedError
 from .sweep import ddp_job, own_job_argv
 from .train import CONF_DIR, with_searchpath
 
@@ -25,7 +26,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         with ddp_job():  # under -m: DDP ranks run this job only
             train_edm(cfg, run_dir)
-    except ConfigError as e:
+    except (ConfigError, DirectoryLockedError) as e:
         print(f"robustdiff-edm: error: {e}", file=sys.stderr)
         sys.exit(2)
 

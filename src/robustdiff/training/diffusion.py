@@ -46,9 +46,18 @@ from ..diffusion.edm import EDMPrecond, edm_loss
 from ..diffusion.sampler import sample_images
 from ..models.unet import UNET_PRESETS, resolution_pyramid, unet_preset
 from ..utils.io import atomic_path, atomic_torch_save, atomic_write_json
+from ..utils.lock import DirectoryLock
 from .adversarial import step_seed
 from .callbacks import kill_point
-from .run import ConfigError, check_resume, is_launching_process, make_trainer, write_run_files
+from .run import (
+    EDM_RESUMABLE_CHANGES,
+    ConfigError,
+    check_resume,
+    config_identity,
+    is_launching_process,
+    make_trainer,
+    write_run_files,
+)
 
 NETWORK_FORMAT = "robustdiff-edm-network"
 # Fields that define what an EDM run is: resuming with any of them changed is refused.
@@ -407,7 +416,14 @@ def train_edm(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     run_dir = Path(run_dir)
     desc = validate(cfg)
     desc["name"] = run_dir.name
-    check_resume(run_dir, desc, IDENTITY_FIELDS, kind="EDM run")
+    lock = DirectoryLock(run_dir, "robustdiff-edm") if is_launching_process() else contextlib.nullcontext()
+    with lock:
+        return _train_edm(cfg, run_dir, desc)
+
+
+def _train_edm(cfg: DictConfig, run_dir: Path, desc: dict[str, Any]) -> dict[str, Any]:
+    desc["identity"] = config_identity(cfg, EDM_RESUMABLE_CHANGES)
+    check_resume(run_dir, desc, IDENTITY_FIELDS, kind="EDM run", resumable=EDM_RESUMABLE_CHANGES)
     summary_path = run_dir / "summary.json"
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_file() and is_launching_process():

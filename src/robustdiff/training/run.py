@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from ..data.datasets import get_info
 from ..models.wrn import WideResNet
 from ..utils.hardware import COMPILE_CHOICES, COMPILE_MODES, resolve_precision
 from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.lock import DirectoryLock
 from .adversarial import AdversarialTraining
 from .callbacks import AtomicCheckpointIO, RunCheckpoint, fmt_acc, republish
 
@@ -34,6 +36,29 @@ IDENTITY_FIELDS = ("dataset", "model", "num_classes", "in_channels", "norm", "lo
 
 class ConfigError(ValueError):
     pass
+
+
+# Keys that may change when a run is resumed: where things are and how the job runs, never what it computes.
+# Every other key of the composed config is part of the run's identity (run.json "identity").
+RESUMABLE_CHANGES = ("name", "run_root", "data_dir", "download", "trainer", "logger", "eval.batch_size",
+                     "interrupt_after_steps")
+EDM_RESUMABLE_CHANGES = ("name", "run_root", "data_dir", "download", "trainer", "logger", "grid",
+                         "edm.snapshot_kimg", "interrupt_after_steps")
+
+
+def config_identity(cfg: DictConfig, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -> dict[str, Any]:
+    """The resolved config as flat ``{"a.b": value}`` without the keys that may change on resume."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif not any(prefix == r or prefix.startswith(r + ".") for r in resumable):
+            flat[prefix] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
 
 
 def is_launching_process() -> bool:
@@ -137,17 +162,27 @@ def describe(cfg: DictConfig, attack: AttackConfig, n_generated: int) -> dict[st
 
 
 def check_resume(run_dir: Path, desc: dict[str, Any], fields: tuple[str, ...] = IDENTITY_FIELDS,
-                 kind: str = "run") -> None:
+                 kind: str = "run", resumable: tuple[str, ...] = RESUMABLE_CHANGES) -> None:
     """Refuse to resume (or overwrite) ``run_dir`` when its run.json differs from ``desc`` in ``fields``."""
     path = run_dir / "run.json"
     if not path.is_file():
         return
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable ({e}); restore it from a backup, or train into another name=... "
+                          f"(this directory is left as it is)") from None
     diffs = [f"{k}: run has {json.dumps(old.get(k))}, you asked for {json.dumps(desc.get(k))}" for k in fields
              if json.dumps(old.get(k), sort_keys=True) != json.dumps(desc.get(k), sort_keys=True)]
+    if "identity" in old and "identity" in desc:  # every key that changes the math (runs from this version on)
+        a, b = old["identity"], desc["identity"]
+        diffs += [f"{k}: run has {json.dumps(a.get(k))}, you asked for {json.dumps(b.get(k))}"
+                  for k in sorted(set(a) | set(b)) if k not in fields and
+                  json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
     if diffs:
         raise ConfigError(f"{path}: this run directory holds a different {kind}, refusing to resume or overwrite it:"
-                          "\n  " + "\n  ".join(diffs) + "\nChoose another name=... (or run_root=...) for the new run.")
+                          "\n  " + "\n  ".join(diffs) + "\nChoose another name=... (or run_root=...) for the new run; "
+                          f"only {', '.join(resumable)} may change when a run resumes.")
 
 
 # Set by the sweep callback (cli/sweep.py) under `robustdiff-train -m`: the sweep's name, which becomes the
@@ -218,8 +253,16 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         limit_train=cfg.limit_train, limit_test=cfg.limit_test, val_size=cfg.val_size,
     )
     store = dm.open_store()  # shape/class checks before anything long
+    # One process per run directory for the life of the job (DDP ranks started for it don't take it).
+    lock = DirectoryLock(run_dir, "robustdiff-train") if is_launching_process() else contextlib.nullcontext()
+    with lock:
+        return _train(cfg, run_dir, attack, info, dm, store)
+
+
+def _train(cfg: DictConfig, run_dir: Path, attack: AttackConfig, info, dm: RobustDataModule, store) -> dict[str, Any]:
     desc = describe(cfg, attack, len(store) if store is not None else 0)
     desc["name"] = run_dir.name
+    desc["identity"] = config_identity(cfg)
     if store is not None:  # the generated data's measured quality (robustdiff-fid score), not part of the identity
         desc["generated_quality"] = store.manifest.get("quality", [])
     check_resume(run_dir, desc)
