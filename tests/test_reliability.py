@@ -168,3 +168,91 @@ def test_resume_with_a_changed_hyperparameter_is_refused(change, tmp_path):
     assert {p.name: p.read_bytes() for p in run.glob("*.json")} == before  # nothing rewritten
     # What may change on resume does not count: the evaluation batch size, the logger, the devices.
     assert train(compose_train(*TINY, "epochs=2", "eval.batch_size=64", "logger=csv"), run)["finished"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("lr=abc", "lr='abc' is not a number"),
+    ("ratio=abc", "ratio='abc' is not a number"),
+    ("ratio=0", "ratio=0 needs generated data"),
+    ("seed=-1", "seed=-1 must be an integer >= 0"),
+    ("model.depth=11", "model.depth=11: a WideResNet's depth is 6·n + 4"),
+    ("loss=mse", "loss='mse': choose trades"),
+    ("schedule=step", "schedule='step': choose cosinew"),
+    ("generated_sampling=foo", "generated_sampling='foo': choose with_replacement"),
+    ("batch_size=100000", "batch_size=100000 is larger than the 256 real training images"),
+])
+def test_bad_values_are_refused_before_any_work(override, message, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        train(compose_train(*TINY, override), tmp_path / "run")
+    assert message in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def small_store(path: Path, n: int = 40) -> Path:
+    import numpy as np
+
+    from robustdiff.data.store import StoreWriter
+
+    rng = np.random.default_rng(0)
+    with StoreWriter(path, (28, 28, 1), num_classes=10, shard_size=16) as w:
+        w.append(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), np.arange(n) % 10)
+        w.finalize()
+    return path
+
+
+def test_a_damaged_label_is_caught_when_the_store_opens(tmp_path):
+    from robustdiff.data.store import GeneratedStore, StoreError
+
+    store = small_store(tmp_path / "store")
+    shard = sorted(store.glob("*.labels.i64"))[1]
+    data = bytearray(shard.read_bytes())
+    data[8 * 3] = 99  # image 3 of shard 1: label 99
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=rf"{shard.name}: label 99 is outside \[0, 10\)"):
+        GeneratedStore(store).check_compatible((28, 28, 1), 10, "fashionmnist")
+
+
+def test_exports_never_overwrite_silently(tmp_path, capsys):
+    from robustdiff.cli.evaluate import main as eval_main
+    from robustdiff.cli.store import main as store_main
+
+    store = small_store(tmp_path / "store")
+    existing = tmp_path / "existing.npz"
+    existing.write_bytes(b"precious")
+    assert store_main(["export", str(store), str(existing), "--no-progress"]) == 1
+    assert "--overwrite" in capsys.readouterr().err and existing.read_bytes() == b"precious"
+    assert store_main(["export", str(store), str(tmp_path / "nodir" / "x.npz"), "--no-progress"]) == 1
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "nodir").exists()
+    assert store_main(["export", str(store), str(store / "inside.npz"), "--no-progress"]) == 1
+    assert store_main(["export", str(store), str(existing), "--no-progress", "--overwrite"]) == 0
+    assert existing.stat().st_size > 40 * 784
+
+    # A model export into another run's directory, or over an existing file, is refused before any work.
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    for d in (mine, other):
+        d.mkdir()
+        (d / "run.json").write_text("{}")
+    (other / "model.pt").write_bytes(b"theirs")
+    with pytest.raises(SystemExit, match="inside another run directory"):
+        eval_main(["export", str(mine), "--out", str(other / "model.pt")])
+    (tmp_path / "card.json").write_text("{}")
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        eval_main(["export", str(mine), "--out", str(tmp_path / "m.pt"), "--card", str(tmp_path / "card.json")])
+    assert (other / "model.pt").read_bytes() == b"theirs"
+
+
+def test_eval_checks_its_output_before_any_attack(tmp_path):
+    from robustdiff.cli.evaluate import main as eval_main
+
+    run = tmp_path / "run"
+    train(compose_train(*TINY, "epochs=1", "eval.steps=1"), run)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit, match="is a file"):
+        eval_main([str(run), "--out", str(blocker), "--attacks", "clean,autoattack"])
+    with pytest.raises(SystemExit, match="cannot write results to"):
+        eval_main([str(run), "--out", str(blocker / "sub"), "--attacks", "clean,autoattack"])
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "eval.json").write_text('{"someone": "else"}')
+    with pytest.raises(SystemExit, match="is not a robustdiff-eval result"):
+        eval_main([str(run), "--out", str(tmp_path / "foreign"), "--attacks", "clean"])

@@ -120,6 +120,7 @@ def build_export_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--out", type=Path, required=True, help="output .pt (plain DMWideResNet state dict)")
     p.add_argument("--card", type=Path, default=None, help="also write a RobustBench model-info JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --out/--card files")
     p.add_argument("--eval-json", type=Path, default=None,
                    help="eval.json with the accuracies for the card (default: the run directory's)")
     p.add_argument("--name", default=None)
@@ -316,7 +317,26 @@ def _run_evaluation(args: argparse.Namespace, s: dict[str, Any], sources: dict[s
 
 # --- export ------------------------------------------------------------------------------------------
 
+def check_export_paths(args: argparse.Namespace) -> None:
+    """Before any work: no silent overwrite, no file written into another run's directory."""
+    from ..data.store import StoreError, check_new_file
+
+    own = args.target.resolve() if args.target.is_dir() else args.target.resolve().parent
+    for flag, path in (("--out", args.out), ("--card", args.card)):
+        if path is None:
+            continue
+        parent = path.resolve().parent
+        if (parent / "run.json").is_file() and parent != own:
+            raise SystemExit(f"robustdiff-eval export: {flag} {path} is inside another run directory ({parent}); "
+                             f"write exports elsewhere — robustdiff never writes into a run it does not own")
+        try:
+            check_new_file(path, args.overwrite, f"robustdiff-eval export {flag}")
+        except StoreError as e:
+            raise SystemExit(str(e)) from None
+
+
 def run_export(args: argparse.Namespace) -> dict[str, Any]:
+    check_export_paths(args)
     s, _ = resolve_settings(args)
     try:
         model = load_wideresnet(s["model_path"], dataset=s["dataset"], weights=args.weights)

@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="export a store to an uncompressed reference-layout .npz")
     exp.add_argument("store")
-    exp.add_argument("out", help="output .npz path")
+    exp.add_argument("out", help="output .npz path (must not exist unless --overwrite)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     exp.add_argument("--no-progress", action="store_true")
 
     info = sub.add_parser("info", help="print a store's manifest summary")
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"imported {m['count']:,} images into {args.out}")
         elif args.command == "export":
-            export_npz(args.store, args.out, progress=not args.no_progress)
+            export_npz(args.store, args.out, progress=not args.no_progress, overwrite=args.overwrite)
             print(f"exported {args.store} to {args.out}")
         elif args.command == "info":
             m = store_info(args.store)

@@ -762,6 +762,25 @@ class GeneratedStore:
                 f"generated store {mpath}: class_counts has labels outside [0, {num_classes}) "
                 f"(classes {beyond[:5]}) — the store does not belong to dataset {dataset_name}"
             )
+        self.check_labels(int(num_classes))
+
+    def check_labels(self, num_classes: int) -> None:
+        """Every shard's labels in [0, num_classes): read once at open (8 bytes an image; 50M labels are 400 MB
+        read in seconds), so a damaged label byte fails here, naming the shard, not as an index error mid-run."""
+        for i, s in enumerate(self.manifest["shards"]):
+            count = int(s["count"])
+            if count == 0:
+                continue
+            labels = np.memmap(self.path / s["labels"], dtype=LABEL_DTYPE, mode="r", shape=(count,))
+            lo, hi = int(labels.min()), int(labels.max())
+            del labels
+            if lo < 0 or hi >= num_classes:
+                bad = lo if lo < 0 else hi
+                raise StoreError(
+                    f"generated store {self.path / s['labels']}: label {bad} is outside [0, {num_classes}) — the "
+                    f"shard is damaged (robustdiff-store verify {self.path} checks its checksum); restore it, or "
+                    f"re-import or regenerate the store"
+                )
 
     def __repr__(self) -> str:
         return (
@@ -1054,10 +1073,31 @@ def _write_npy_stream(
             f.write(memoryview(np.ascontiguousarray(block, dtype=dtype)).cast("B"))
 
 
-def export_npz(store_path: str | os.PathLike, out_npz: str | os.PathLike, progress: bool = True) -> None:
+def check_new_file(out: str | os.PathLike, overwrite: bool = False, what: str = "output") -> Path:
+    """Refuse to replace an existing file unless ``overwrite``; never create missing parent directories."""
+    out = Path(out)
+    if out.is_dir():
+        raise StoreError(f"{what} {out} is a directory; give a file path")
+    if out.exists() and not overwrite:
+        raise StoreError(f"{what} {out} exists; pass --overwrite to replace it, or choose another path "
+                         f"(nothing was written)")
+    if not out.parent.is_dir():
+        raise StoreError(f"{what} {out}: directory {out.parent} does not exist; create it first (robustdiff does "
+                         f"not create it for you, so a typo cannot scatter files)")
+    return out
+
+
+def export_npz(store_path: str | os.PathLike, out_npz: str | os.PathLike, progress: bool = True,
+               overwrite: bool = False) -> None:
     """Write the store as an uncompressed reference-layout .npz ('image' uint8 N×H×W×C, 'label'
-    int64 N), streaming shard by shard; the file appears only when complete."""
+    int64 N), streaming shard by shard; the file appears only when complete. An existing file is
+    refused unless ``overwrite`` (never the store's own source files)."""
+    check_new_file(out_npz, overwrite, "export")
     store = GeneratedStore(store_path)
+    sources = [Path(str(f.get("path"))).resolve() for f in store.provenance.get("npz_files") or []
+               if isinstance(f, dict) and f.get("path")]
+    if Path(out_npz).resolve() in sources or Path(out_npz).resolve().parent == Path(store_path).resolve():
+        raise StoreError(f"export {out_npz}: is a source file of {store_path} or inside the store; choose another path")
     n = len(store)
     shards = store.manifest["shards"]
 

@@ -38,6 +38,8 @@ class ConfigError(ValueError):
     pass
 
 
+DEFAULT_RATIO = 0.3  # real fraction per batch with generated data when none is given (the paper's 1M recipes)
+
 # Keys that may change when a run is resumed: where things are and how the job runs, never what it computes.
 # Every other key of the composed config is part of the run's identity (run.json "identity").
 RESUMABLE_CHANGES = ("name", "run_root", "data_dir", "download", "trainer", "logger", "eval.batch_size",
@@ -112,19 +114,61 @@ def validate(cfg: DictConfig) -> AttackConfig:
         if not cond:
             raise ConfigError(msg)
 
-    get_info(cfg.dataset.name)
-    need(isinstance(cfg.epochs, int) and cfg.epochs >= 1, f"epochs={cfg.epochs!r} must be an integer >= 1")
-    need(isinstance(cfg.batch_size, int) and cfg.batch_size >= 2, f"batch_size={cfg.batch_size!r} must be an integer >= 2")
-    need(float(cfg.lr) > 0, f"lr={cfg.lr} must be > 0")
-    need(float(cfg.beta) >= 0, f"beta={cfg.beta} must be >= 0")
-    need(0 <= float(cfg.label_smoothing) < 1, f"label_smoothing={cfg.label_smoothing} must be in [0, 1)")
-    need(0 < float(cfg.ema_decay) < 1, f"ema_decay={cfg.ema_decay} must be in (0, 1)")
-    need(0 <= float(cfg.ema_warmup) <= 1, f"ema_warmup={cfg.ema_warmup} must be in [0, 1]")
+    def number(key: str) -> float:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not a number")
+        try:
+            return parse_fraction(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} is not a number (write e.g. 0.1)") from None
+
+    def integer(key: str, low: int) -> int:
+        value = OmegaConf.select(cfg, key)
+        need(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+             f"{key}={value!r} must be an integer >= {low}")
+        return value
+
+    try:
+        info = get_info(cfg.dataset.name)
+    except ValueError as e:
+        raise ConfigError(f"dataset.name: {e}") from None
+    integer("epochs", 1)
+    integer("batch_size", 2)
+    integer("seed", 0)
+    need(number("lr") > 0, f"lr={cfg.lr} must be > 0")
+    need(0 <= number("momentum") < 1, f"momentum={cfg.momentum} must be in [0, 1)")
+    need(number("beta") >= 0, f"beta={cfg.beta} must be >= 0")
+    need(0 <= number("label_smoothing") < 1, f"label_smoothing={cfg.label_smoothing} must be in [0, 1)")
+    need(0 < number("ema_decay") < 1, f"ema_decay={cfg.ema_decay} must be in (0, 1)")
+    need(0 <= number("ema_warmup") <= 1, f"ema_warmup={cfg.ema_warmup} must be in [0, 1]")
+    need(cfg.schedule in ("cosinew", "constant"), f"schedule={cfg.schedule!r}: choose cosinew (the reference's "
+         "one-cycle schedule) or constant")
+    need(cfg.generated_sampling in ("with_replacement", "permutation"), f"generated_sampling="
+         f"{cfg.generated_sampling!r}: choose with_replacement (the reference) or permutation")
+    depth = cfg.model.depth
+    need(isinstance(depth, int) and depth >= 10 and (depth - 4) % 6 == 0,
+         f"model.depth={depth!r}: a WideResNet's depth is 6·n + 4 (10, 16, 22, 28, 34, 40, 70, ...)")
+    integer("model.width", 1)
+    try:
+        ratio = None if cfg.ratio is None else float(cfg.ratio)
+    except (TypeError, ValueError):
+        raise ConfigError(f"ratio={cfg.ratio!r} is not a number: the real fraction of each batch, in [0, 1]") from None
+    if not cfg.generated:
+        need(ratio in (None, 1.0), f"ratio={cfg.ratio} needs generated data: it is the fraction of REAL images in each "
+             "batch, the rest coming from generated=<store>; give generated=... or drop ratio (real data only)")
+        cfg.ratio = 1.0
+    else:
+        cfg.ratio = DEFAULT_RATIO if ratio is None else ratio
     need(0 <= float(cfg.ratio) <= 1, f"ratio={cfg.ratio} is the real fraction of each batch and must be in [0, 1]")
-    need(float(cfg.weight_decay) >= 0, f"weight_decay={cfg.weight_decay} must be >= 0")
-    need(isinstance(cfg.val_size, int) and cfg.val_size >= 1, f"val_size={cfg.val_size!r} must be an integer >= 1")
+    need(number("weight_decay") >= 0, f"weight_decay={cfg.weight_decay} must be >= 0")
+    integer("val_size", 1)
     need(cfg.limit_train is None or (isinstance(cfg.limit_train, int) and cfg.limit_train > cfg.val_size + 1),
          f"limit_train={cfg.limit_train!r} must leave training images after the {cfg.val_size} validation images")
+    n_real = min(cfg.limit_train or info.n_train, info.n_train) - cfg.val_size
+    need(cfg.batch_size <= n_real, f"batch_size={cfg.batch_size} is larger than the {n_real:,} real training images "
+         f"of {info.name} ({'limit_train=' + str(cfg.limit_train) if cfg.limit_train else info.n_train} minus "
+         f"val_size={cfg.val_size}); use batch_size <= {n_real}")
     need(isinstance(cfg.eval.steps, int) and cfg.eval.steps >= 1, f"eval.steps={cfg.eval.steps!r} must be >= 1")
     need(cfg.loss in ("trades", "pgd_at", "ce"), f"loss={cfg.loss!r}: choose trades (the paper), pgd_at or ce "
          "(standard training, no attack: for the classifiers that measure generated data)")
