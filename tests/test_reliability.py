@@ -62,6 +62,7 @@ def test_crash_at_every_publication_point_then_rerun_equals_a_straight_run(point
     with pytest.raises(SimulatedKill):
         train(cfg, run)
     monkeypatch.delenv(KILL_ENV)
+    (run / "checkpoints" / ".last.ckpt.zz99zz99.tmp").write_bytes(b"half")  # as a kill mid-write leaves
     # The crash left files of the last epoch published before last.ckpt; the rerun must not take them for a
     # finished run (the reported defect), and must end exactly where a straight run ends.
     summary = train(compose_train(*TINY, f"epochs={epochs}"), run)
@@ -256,3 +257,53 @@ def test_eval_checks_its_output_before_any_attack(tmp_path):
     (tmp_path / "foreign" / "eval.json").write_text('{"someone": "else"}')
     with pytest.raises(SystemExit, match="is not a robustdiff-eval result"):
         eval_main([str(run), "--out", str(tmp_path / "foreign"), "--attacks", "clean"])
+
+
+@pytest.mark.parametrize("signum,code", [(15, 143), (2, 130)])
+def test_a_signal_saves_exits_non_zero_and_the_rerun_finishes(signum, code, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from robustdiff.training.callbacks import SIGNAL_ENV
+
+    cli = Path(sys.executable).parent / "robustdiff-train"
+    argv = [str(cli), *TINY, "epochs=1", f"run_root={tmp_path}", "name=run"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", SIGNAL_ENV: f"{signum}@3"}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "run the same command again to resume" in proc.stdout
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["robustdiff"]["consumed"] == [0, 3]  # saved at the step boundary, mid-epoch
+    env.pop(SIGNAL_ENV)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "resuming" in proc.stdout, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["finished"]
+
+
+def test_unreadable_checkpoint_is_named_without_torch_advice(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    train(compose_train(*TINY, "epochs=2", "interrupt_after_steps=2"), run)
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated
+    cli = Path(sys.executable).parent / "robustdiff-train"
+    proc = subprocess.run([str(cli), *TINY, "epochs=2", f"run_root={tmp_path}", "name=run"], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 2 and f"{last}: cannot be read (truncated or corrupt" in proc.stderr, proc.stderr[-2000:]
+    assert "weights_only=False" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_report_names_and_skips_a_run_with_an_unreadable_history(tmp_path):
+    from robustdiff.evaluation.report import write_report
+
+    for name in ("good", "bad"):
+        train(compose_train(*TINY, "epochs=1", "eval.steps=1"), tmp_path / "runs" / name)
+    (tmp_path / "runs" / "bad" / "history.json").write_text("{not json")
+    rows = write_report(tmp_path / "runs", tmp_path / "report")
+    assert [r["run"] for r in rows] == ["good"]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Skipped runs" in text and "bad" in text and "history.json" in text

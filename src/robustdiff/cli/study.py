@@ -188,15 +188,22 @@ def _gcd_kimg(kimgs: Sequence[float]) -> float:
     return g / 1000
 
 
-def snapshot_path(edm_dir: Path, kimg: float) -> Path:
-    from ..training.diffusion import kimg_label
+def snapshot_path(edm_dir: Path, kimg: float) -> tuple[Path, float]:
+    """The first kept EDM snapshot at or after ``kimg`` (snapshots fall on whole batches, e.g. 10.048 kimg for
+    10 kimg at batch 64) and its exact kimg."""
+    import re
 
-    path = edm_dir / "snapshots" / f"network-{kimg_label(round(kimg * 1000))}.pt"
-    if not path.is_file():
-        have = sorted(p.name for p in (edm_dir / "snapshots").glob("network-*.pt"))
-        raise StudyError(f"{path}: no EDM snapshot at {kimg:g} kimg (have: {', '.join(have) or 'none'}); the "
-                         f"snapshot interval must divide every generator's kimg, and the EDM run must reach it")
-    return path
+    found = []
+    for p in (edm_dir / "snapshots").glob("network-*.pt"):
+        m = re.fullmatch(r"network-(\d+(?:\.\d+)?)\.pt", p.name)
+        if m:
+            found.append((float(m.group(1)), p))
+    later = sorted((k, p) for k, p in found if k >= kimg - 1e-9)
+    if not later:
+        have = ", ".join(p.name for _, p in sorted(found)) or "none"
+        raise StudyError(f"{edm_dir / 'snapshots'}: no EDM snapshot at or after {kimg:g} kimg (have: {have}); the "
+                         f"EDM run must reach every generator's kimg")
+    return later[0][1], later[0][0]
 
 
 def generate_stores(spec: DictConfig, out: Path, edm_dir: Path) -> dict[str, Path]:
@@ -205,7 +212,8 @@ def generate_stores(spec: DictConfig, out: Path, edm_dir: Path) -> dict[str, Pat
     stores = {}
     for name, kimg in spec.generators.items():
         store = out / "stores" / name
-        overrides = [f"network={snapshot_path(edm_dir, float(kimg))}", f"n={spec.generate.n}", f"out={store}",
+        network, _ = snapshot_path(edm_dir, float(kimg))
+        overrides = [f"network={network}", f"n={spec.generate.n}", f"out={store}",
                      f"steps={spec.generate.steps}", f"seed={spec.generate.seed}", f"dataset={spec.dataset}",
                      f"precision={spec.generate.get('precision', 'fp32')}", "progress=false"]
         _stage(f"4/9 generate {name}", "robustdiff-generate " + " ".join(overrides))
@@ -228,7 +236,8 @@ def measure_stores(spec: DictConfig, out: Path, stores: dict[str, Path], classif
                f"--features classifier --classifier {classifier} --n {spec.generate.n}")
         r = score_store(store, out / "quality" / "reference.npz", features="classifier", classifier=classifier,
                         n=spec.generate.n)
-        r["generator"], r["kimg"] = name, float(spec.generators[name])
+        r["generator"] = name
+        r["kimg"] = snapshot_path(out / "edm", float(spec.generators[name]))[1]
         atomic_write_json(path, r)
         results[name] = r
         print(f"robustdiff-study: {name}: classifier FD {r['value']:.3f}, label agreement "

@@ -9,6 +9,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from ..data.datasets import DatasetError
+from ..data.store import StoreError
+from ..training.callbacks import CheckpointFileError
 from ..training.run import ConfigError, train
 from ..utils.lock import DirectoryLockedError
 from .sweep import ddp_job, own_job_argv, requeue_slurm_job
@@ -40,10 +43,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         with ddp_job():  # under -m: DDP ranks run this job only
             summary = train(cfg, run_dir)
-    except (ConfigError, DirectoryLockedError) as e:
+    except (ConfigError, DirectoryLockedError, StoreError, DatasetError, CheckpointFileError) as e:
         print(f"robustdiff-train: error: {e}", file=sys.stderr)
         sys.exit(2)
     requeue_slurm_job(summary)
+    if summary.get("signal"):
+        sys.exit(128 + summary["signal"])  # saved, but not done: `a && b` chains stop (143 for SIGTERM)
     return summary.get("best_val_pgd_acc")  # what a sweeper optimises
 
 

@@ -13,6 +13,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from ..data.datasets import DatasetError
+from ..data.store import StoreError
+from ..training.callbacks import CheckpointFileError
 from ..training.diffusion import train_edm
 from ..training.run import ConfigError
 from ..utils.lock import DirectoryLockedError
@@ -25,10 +28,12 @@ def _hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         with ddp_job():  # under -m: DDP ranks run this job only
-            train_edm(cfg, run_dir)
-    except (ConfigError, DirectoryLockedError) as e:
+            summary = train_edm(cfg, run_dir)
+    except (ConfigError, DirectoryLockedError, StoreError, DatasetError, CheckpointFileError) as e:
         print(f"robustdiff-edm: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if summary.get("signal"):
+        sys.exit(128 + summary["signal"])  # saved, but not done: `a && b` chains stop (143 for SIGTERM)
 
 
 def main() -> None:

@@ -767,7 +767,7 @@ class GeneratedStore:
     def check_labels(self, num_classes: int) -> None:
         """Every shard's labels in [0, num_classes): read once at open (8 bytes an image; 50M labels are 400 MB
         read in seconds), so a damaged label byte fails here, naming the shard, not as an index error mid-run."""
-        for i, s in enumerate(self.manifest["shards"]):
+        for s in self.manifest["shards"]:
             count = int(s["count"])
             if count == 0:
                 continue

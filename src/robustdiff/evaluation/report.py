@@ -355,7 +355,13 @@ def write_report(path: str | os.PathLike, out_dir: str | os.PathLike | None = No
     """
     root = Path(path)
     out_dir = Path(out_dir) if out_dir is not None else root
-    runs = [load_run(d) for d in (find_runs(root) if runs is None else runs)]
+    runs_ok, skipped = [], []
+    for d in (find_runs(root) if runs is None else runs):
+        try:
+            runs_ok.append(load_run(d))
+        except (OSError, ValueError) as e:  # one damaged run must not hide the others
+            skipped.append(f"{d}: skipped — {e}")
+    runs = runs_ok
     rows = table_rows(runs, root)
     figures: dict[str, str] = {}
     for run in runs:
@@ -364,7 +370,12 @@ def write_report(path: str | os.PathLike, out_dir: str | os.PathLike | None = No
             png = out_dir / "figures" / f"{_slug(key)}.png"
             plot_training_curves(run, png)
             figures[key] = os.path.relpath(png, out_dir)
-    atomic_write_text(out_dir / "report.md", render_markdown(rows, figures, title or f"robustdiff report: {root}"))
+    text = render_markdown(rows, figures, title or f"robustdiff report: {root}")
+    if skipped:
+        text += "\n## Skipped runs\n\n" + "".join(f"- {line}\n" for line in skipped)
+        for line in skipped:
+            print(f"robustdiff-report: {line}")
+    atomic_write_text(out_dir / "report.md", text)
     atomic_write_text(out_dir / "report.csv", render_csv(rows))
     if wandb_run is not None:
         import wandb

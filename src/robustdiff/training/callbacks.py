@@ -21,6 +21,8 @@ from ..utils.io import atomic_path, atomic_torch_save, atomic_write_json, atomic
 # after publishing that file (best.ckpt, model.pt, history, summary.json, last.ckpt) at that epoch
 # (EDM: network.pt, summary.json, last.ckpt at that optimiser step).
 KILL_ENV = "ROBUSTDIFF_KILL_AFTER"
+# Testing aid: "<signum>@<step>" makes the training process send itself that signal after that optimiser step.
+SIGNAL_ENV = "ROBUSTDIFF_SELF_SIGNAL"
 
 
 class SimulatedKill(BaseException):
@@ -46,10 +48,32 @@ class AtomicCheckpointIO(CheckpointIO):
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        return load_checkpoint_file(path, map_location=map_location or "cpu")
 
     def remove_checkpoint(self, path) -> None:
         raise RuntimeError("robustdiff never deletes checkpoints")
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint that cannot be read (truncated, corrupt, not robustdiff's); the message says what to do."""
+
+
+def load_checkpoint_file(path, map_location="cpu", mmap: bool = False) -> dict:
+    """torch.load(weights_only=True) with an error that names the file and the way out — and never torch's advice
+    to load it with weights_only=False (that would run whatever code the file holds)."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:
+        kind = "not a weights-only checkpoint" if "weights_only" in str(e) or "Unpickl" in str(e) else \
+            "truncated or corrupt"
+        raise CheckpointFileError(
+            f"{path}: cannot be read ({kind}: {type(e).__name__}). The run cannot resume from it. Restore it from a "
+            f"backup, or move it aside (e.g. to {Path(path).name}.bad) to restart this run from the beginning; "
+            f"robustdiff never loads checkpoints with code in them.") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointFileError(f"{path}: not a robustdiff/Lightning checkpoint (no state_dict); move it aside or "
+                                  f"choose another run directory")
+    return ckpt
 
 
 def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
@@ -69,7 +93,7 @@ def republish(run_dir: Path, epochs: int, select: str = "pgd") -> dict[str, Any]
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         return None
-    state = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("robustdiff", {})
+    state = load_checkpoint_file(last, mmap=True).get("robustdiff", {})
     history = list(state.get("history", []))
     finished = bool(history) and history[-1]["epoch"] == epochs
     summary = summarise(history, finished=finished, select=select)
@@ -111,6 +135,7 @@ class RunCheckpoint(Checkpoint):
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.interrupt_after_steps = interrupt_after_steps
         self._signal: int | None = None
+        self.received: int | None = None  # a real signal (not the interrupt_after_steps testing aid)
         self._previous: dict[int, Any] = {}
 
     @property
@@ -119,7 +144,7 @@ class RunCheckpoint(Checkpoint):
 
     # -- signals: remember, then act between two steps so the saved state is consistent
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT):
             if sig is not None:
                 try:
                     self._previous[sig] = signal.signal(sig, self._handle)
@@ -127,7 +152,12 @@ class RunCheckpoint(Checkpoint):
                     pass
 
     def _handle(self, signum, frame) -> None:
-        self._signal = signum
+        if signum == signal.SIGINT:
+            if self.received == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving this step's position
+            print("\nrobustdiff: Ctrl-C — saving the run at the end of this step (press Ctrl-C again to stop "
+                  "without saving)", flush=True)
+        self._signal = self.received = signum
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for sig, handler in self._previous.items():
@@ -137,6 +167,11 @@ class RunCheckpoint(Checkpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.interrupt_after_steps is not None and trainer.global_step >= self.interrupt_after_steps:
             self._signal = signal.SIGTERM
+        self_signal = os.environ.get(SIGNAL_ENV)  # testing aid: a real signal from the OS at a given step
+        if self_signal and self.received is None:
+            signum, _, step = self_signal.partition("@")
+            if trainer.global_step >= int(step or 0):
+                os.kill(os.getpid(), int(signum))
         stop = self._signal is not None
         if trainer.world_size > 1:
             # A signal may reach one rank only; every rank must save and stop on the same step.
@@ -180,5 +215,5 @@ def fmt_acc(value: float | None) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
 
 
-__all__ = ["AtomicCheckpointIO", "RunCheckpoint", "write_history", "summarise", "republish", "fmt_acc", "atomic_path",
+__all__ = ["AtomicCheckpointIO", "CheckpointFileError", "load_checkpoint_file", "RunCheckpoint", "write_history", "summarise", "republish", "fmt_acc", "atomic_path",
            "kill_point", "SimulatedKill", "KILL_ENV"]

@@ -45,10 +45,10 @@ from ..diffusion.augment import AUGMENT_DIM, AugmentPipe
 from ..diffusion.edm import EDMPrecond, edm_loss
 from ..diffusion.sampler import sample_images
 from ..models.unet import UNET_PRESETS, resolution_pyramid, unet_preset
-from ..utils.io import atomic_path, atomic_torch_save, atomic_write_json
+from ..utils.io import atomic_path, atomic_torch_save, atomic_write_json, remove_orphan_temporaries
 from ..utils.lock import DirectoryLock
 from .adversarial import step_seed
-from .callbacks import kill_point
+from .callbacks import kill_point, load_checkpoint_file
 from .run import (
     EDM_RESUMABLE_CHANGES,
     ConfigError,
@@ -280,6 +280,7 @@ class EDMSnapshot(Checkpoint):
         self.interrupt_after_steps = interrupt_after_steps
         self.extra = extra or {}
         self._signal: int | None = None
+        self.received: int | None = None  # a real signal (not the interrupt_after_steps testing aid)
         self._previous: dict[int, Any] = {}
 
     @property
@@ -287,13 +288,18 @@ class EDMSnapshot(Checkpoint):
         return self.run_dir / "checkpoints" / "last.ckpt"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: EDMTraining) -> None:
-        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT):
             if sig is not None:
                 with contextlib.suppress(ValueError):  # not the main thread
                     self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self._signal = signum
+        if signum == signal.SIGINT:
+            if self.received == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving this step's position
+            print("\nrobustdiff: Ctrl-C — saving the run at the end of this step (press Ctrl-C again to stop "
+                  "without saving)", flush=True)
+        self._signal = self.received = signum
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: EDMTraining) -> None:
         for sig, handler in self._previous.items():
@@ -422,6 +428,8 @@ def train_edm(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _train_edm(cfg: DictConfig, run_dir: Path, desc: dict[str, Any]) -> dict[str, Any]:
+    if is_launching_process():
+        remove_orphan_temporaries(run_dir, ("", "checkpoints", "snapshots", "samples"))
     desc["identity"] = config_identity(cfg, EDM_RESUMABLE_CHANGES)
     check_resume(run_dir, desc, IDENTITY_FIELDS, kind="EDM run", resumable=EDM_RESUMABLE_CHANGES)
     summary_path = run_dir / "summary.json"
@@ -429,7 +437,7 @@ def _train_edm(cfg: DictConfig, run_dir: Path, desc: dict[str, Any]) -> dict[str
     if last.is_file() and is_launching_process():
         # last.ckpt is the commit record: summary.json is re-derived from it (a crash between the two must not
         # leave a run that looks finished).
-        step = int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        step = int(load_checkpoint_file(last, mmap=True)["global_step"])
         atomic_write_json(summary_path, edm_summary(step >= desc["max_steps"], step * int(cfg.edm.batch_size), step))
     if last.is_file() and summary_path.is_file() and json.loads(summary_path.read_text()).get("finished"):
         summary = json.loads(summary_path.read_text())
@@ -458,6 +466,8 @@ def _train_edm(cfg: DictConfig, run_dir: Path, desc: dict[str, Any]) -> dict[str
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"finished": False}
     if module.interrupted:
         summary["interrupted"] = True
+        if snapshot.received is not None:
+            summary["signal"] = int(snapshot.received)
         if trainer.is_global_zero:
             print(f"robustdiff-edm: stopped by a signal; state saved in {snapshot.last_path} — run the same "
                   f"command again to resume.")

@@ -20,7 +20,7 @@ from ..data.datamodule import RobustDataModule
 from ..data.datasets import get_info
 from ..models.wrn import WideResNet
 from ..utils.hardware import COMPILE_CHOICES, COMPILE_MODES, resolve_precision
-from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.io import atomic_write_json, atomic_write_text, remove_orphan_temporaries
 from ..utils.lock import DirectoryLock
 from .adversarial import AdversarialTraining
 from .callbacks import AtomicCheckpointIO, RunCheckpoint, fmt_acc, republish
@@ -304,6 +304,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _train(cfg: DictConfig, run_dir: Path, attack: AttackConfig, info, dm: RobustDataModule, store) -> dict[str, Any]:
+    if is_launching_process():
+        remove_orphan_temporaries(run_dir)  # half-written files of a process that died mid-write
     desc = describe(cfg, attack, len(store) if store is not None else 0)
     desc["name"] = run_dir.name
     desc["identity"] = config_identity(cfg)
@@ -352,6 +354,8 @@ def _train(cfg: DictConfig, run_dir: Path, attack: AttackConfig, info, dm: Robus
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"finished": False}
     if module.interrupted:
         summary["interrupted"] = True
+        if checkpoint.received is not None:
+            summary["signal"] = int(checkpoint.received)
     if trainer.is_global_zero:
         print_summary(run_dir, summary)
     return summary
@@ -360,7 +364,7 @@ def _train(cfg: DictConfig, run_dir: Path, attack: AttackConfig, info, dm: Robus
 def print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     if summary.get("interrupted"):
         print(f"robustdiff: stopped by a signal; state saved in {run_dir}/checkpoints/last.ckpt — "
-              "run the same command again to resume.")
+              "run the same command again to resume (it continues from the saved step, bit for bit).")
         return
     if "best_epoch" not in summary:
         return

@@ -59,5 +59,47 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     import torch  # here, so numpy-only tools (the store CLI) don't pay torch's import
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except (RuntimeError, OSError) as e:
+        raise disk_error(path, e) from e
+
+
+def disk_error(path: str | os.PathLike, error: BaseException) -> BaseException:
+    """A failed write as an OSError that says what happened: torch reports a full disk as "unexpected pos"."""
+    import errno
+    import shutil
+
+    path = Path(path)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error) or (
+        free is not None and free < 64 * 2**20)
+    if not full:
+        return error
+    return OSError(errno.ENOSPC, f"no space left on the device writing {path} ({free if free is not None else '?'} "
+                   f"bytes free); the previous {path.name}, if any, is intact (writes go to a temporary file first) — "
+                   f"free some space and run the same command again to resume", str(path))
+
+
+def remove_orphan_temporaries(directory: str | os.PathLike, subdirs: tuple[str, ...] = ("", "checkpoints")) -> list[Path]:
+    """Delete the temporary files ``atomic_path`` leaves when a process dies mid-write (``.<name>.<random>.tmp``)
+    in ``directory`` and its ``subdirs``. Call only while holding the directory's lock. Returns what was removed."""
+    import re
+
+    pattern = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+    removed = []
+    for sub in subdirs:
+        d = Path(directory) / sub
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if p.is_file() and pattern.match(p.name):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
+
