@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_train
 
+from conftest import TINY, compose_train
 from robustdiff.training.callbacks import KILL_ENV, SimulatedKill
 from robustdiff.training.run import ConfigError, train
 
@@ -307,3 +307,20 @@ def test_report_names_and_skips_a_run_with_an_unreadable_history(tmp_path):
     assert [r["run"] for r in rows] == ["good"]
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Skipped runs" in text and "bad" in text and "history.json" in text
+
+
+def test_dataset_files_half_present_or_truncated_are_named(tmp_path):
+    import gzip
+
+    from robustdiff.data.datasets import DEBIAN_FASHION_MNIST, DatasetError, load_split
+
+    d = tmp_path / "fashionmnist"
+    d.mkdir()
+    src = DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz"
+    (d / src.name).write_bytes(src.read_bytes())
+    with pytest.raises(DatasetError, match="t10k-labels-idx1-ubyte.* is missing"):
+        load_split("fashionmnist", "test", tmp_path)  # not silently completed from Debian's copy
+    lab = gzip.compress((DEBIAN_FASHION_MNIST / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    (d / "t10k-labels-idx1-ubyte.gz").write_bytes(lab[: len(lab) // 2])
+    with pytest.raises(DatasetError, match="t10k-labels-idx1-ubyte.gz: unreadable .*truncated or corrupt"):
+        load_split("fashionmnist", "test", tmp_path)

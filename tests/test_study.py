@@ -31,8 +31,8 @@ def test_quick_study_runs_every_stage_resumes_and_fixes_its_protocol(tmp_path, c
     for g, q in quality.items():  # the same numbers sit in the store's manifest
         manifest = json.loads((out / "stores" / g / "manifest.json").read_text())
         assert manifest["quality"][0]["value"] == pytest.approx(q["value"])
-        assert manifest["provenance"]["generator"]["file"].endswith(f"network-{'%010.3f' % q['kimg']}"
-                                                                   .rstrip("0").rstrip(".") + ".pt")
+        label = f"{q['kimg']:010.3f}".rstrip("0").rstrip(".")
+        assert manifest["provenance"]["generator"]["file"].endswith(f"network-{label}.pt")
     best = min(quality, key=lambda g: quality[g]["value"])
 
     runs = sorted(p.parent for p in out.glob("runs/*/run.json")) + sorted(p.parent for p in out.glob("sweep/*/run.json"))

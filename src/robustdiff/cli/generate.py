@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..data.datasets import DatasetError
 from ..data.store import (
     MANIFEST,
     GeneratedStore,
@@ -452,7 +453,7 @@ def generate(cfg: DictConfig | dict) -> dict | None:
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         generate(cfg)
-    except (GenerationError, StoreError) as e:
+    except (GenerationError, StoreError, DatasetError) as e:
         print(f"robustdiff-generate: error: {e}", file=sys.stderr)
         sys.exit(2)
 

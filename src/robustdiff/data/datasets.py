@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,8 +96,12 @@ def _missing(name: str, searched: list[Path], how: str) -> DatasetError:
 
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, OSError, zlib.error) as e:
+        raise DatasetError(f"{path}: unreadable ({type(e).__name__}: {e}) — the download is truncated or corrupt; "
+                           "delete it and fetch it again") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DatasetError(f"{path}: not an idx file of unsigned bytes (bad magic {data[:4]!r})")
     ndim = data[3]
@@ -121,6 +126,10 @@ def _load_fashionmnist(root: Path, split: str, download: bool):
     for d in dirs:
         img = _find_idx(d, f"{prefix}-images-idx3-ubyte")
         lab = _find_idx(d, f"{prefix}-labels-idx1-ubyte")
+        if bool(img) != bool(lab):  # half a dataset here: never take the other half from somewhere else
+            have, missing = (img, f"{prefix}-labels-idx1-ubyte[.gz]") if img else (lab, f"{prefix}-images-idx3-ubyte[.gz]")
+            raise DatasetError(f"fashionmnist {split}: {have} is there but {d / missing} is missing — add it, or "
+                               f"remove {have.name} so that a complete copy is used")
         if img and lab:
             images, labels = _read_idx(img), _read_idx(lab)
             if images.shape[0] != labels.shape[0]:
