@@ -324,3 +324,26 @@ def test_dataset_files_half_present_or_truncated_are_named(tmp_path):
     (d / "t10k-labels-idx1-ubyte.gz").write_bytes(lab[: len(lab) // 2])
     with pytest.raises(DatasetError, match="t10k-labels-idx1-ubyte.gz: unreadable .*truncated or corrupt"):
         load_split("fashionmnist", "test", tmp_path)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 300 KiB tmpfs: room for run.json, not for a checkpoint (root only; skipped where mount is not allowed)."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_is_reported_as_such_and_leaves_no_half_file(tiny_disk):
+    import errno
+
+    with pytest.raises(OSError) as e:
+        train(compose_train(*TINY, "epochs=1", "eval.steps=1"), tiny_disk / "run")
+    assert e.value.errno == errno.ENOSPC and "no space left on the device writing" in str(e.value)
+    assert "is intact" in str(e.value) and "unexpected pos" not in str(e.value)
+    assert not list(tiny_disk.glob("**/*.tmp"))

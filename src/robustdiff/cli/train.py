@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -46,6 +47,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except (ConfigError, DirectoryLockedError, StoreError, DatasetError, CheckpointFileError) as e:
         print(f"robustdiff-train: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"robustdiff-train: error: {e.strerror}", file=sys.stderr)  # full disk: says which file; the rest is intact
+        sys.exit(1)
     requeue_slurm_job(summary)
     if summary.get("signal"):
         sys.exit(128 + summary["signal"])  # saved, but not done: `a && b` chains stop (143 for SIGTERM)

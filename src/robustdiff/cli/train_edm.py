@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -32,6 +33,11 @@ def _hydra_main(cfg: DictConfig) -> None:
     except (ConfigError, DirectoryLockedError, StoreError, DatasetError, CheckpointFileError) as e:
         print(f"robustdiff-edm: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"robustdiff-edm: error: {e.strerror}", file=sys.stderr)  # full disk: says which file; the rest is intact
+        sys.exit(1)
     if summary.get("signal"):
         sys.exit(128 + summary["signal"])  # saved, but not done: `a && b` chains stop (143 for SIGTERM)
 
