@@ -347,3 +347,19 @@ def test_a_full_disk_is_reported_as_such_and_leaves_no_half_file(tiny_disk):
     assert e.value.errno == errno.ENOSPC and "no space left on the device writing" in str(e.value)
     assert "is intact" in str(e.value) and "unexpected pos" not in str(e.value)
     assert not list(tiny_disk.glob("**/*.tmp"))
+
+
+def test_published_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from robustdiff.utils.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "b.json", "{}")
+        assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600  # a private umask is respected
+    finally:
+        os.umask(old)
