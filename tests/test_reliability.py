@@ -336,7 +336,10 @@ def tiny_disk(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     yield mnt
-    subprocess.run(["umount", str(mnt)], capture_output=True)
+    import gc
+
+    gc.collect()  # torch's zip writer of the failed save holds its (deleted) file until collected
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_a_full_disk_is_reported_as_such_and_leaves_no_half_file(tiny_disk):
@@ -363,3 +366,26 @@ def test_published_files_get_the_usual_permissions(tmp_path):
         assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600  # a private umask is respected
     finally:
         os.umask(old)
+
+
+def test_malformed_cifar_batches_and_a_corrupt_run_json_are_named(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from robustdiff.data.datasets import DatasetError, load_split
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": np.zeros((4, 3072), np.uint8)}))
+    with pytest.raises(DatasetError, match=r"test_batch: not a cifar10 batch \(no 'labels' entry\)"):
+        load_split("cifar10", "test", tmp_path)
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": np.zeros((4, 100), np.uint8), "labels": [0] * 4}))
+    with pytest.raises(DatasetError, match=r"expected \(N, 3072\)"):
+        load_split("cifar10", "test", tmp_path)
+
+    run = tmp_path / "run"
+    train(compose_train(*TINY, "epochs=2", "interrupt_after_steps=2"), run)
+    (run / "run.json").write_text('{"dataset": "fashionm')
+    with pytest.raises(ConfigError, match=r"run.json: unreadable .*left as it is"):
+        train(compose_train(*TINY, "epochs=2"), run)

@@ -190,9 +190,16 @@ def _load_cifar(root: Path, split: str, download: bool, hundred: bool):
     images, labels = [], []
     for f in files:
         d = _load_cifar_batch(folder / f)
-        data = np.asarray(d["data"], dtype=np.uint8)
+        try:
+            data = np.asarray(d["data"], dtype=np.uint8)
+            batch_labels = np.asarray(d[key], dtype=np.int64)
+            if data.ndim != 2 or data.shape[1] != 3072 or len(batch_labels) != len(data):
+                raise ValueError(f"'data' is {data.shape} with {len(batch_labels)} labels, expected (N, 3072) and N")
+        except (KeyError, TypeError, ValueError) as e:
+            what = f"no '{e.args[0]}' entry" if isinstance(e, KeyError) else str(e)
+            raise DatasetError(f"{folder / f}: not a {name} batch ({what}); delete it and fetch it again") from None
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(d[key], dtype=np.int64))
+        labels.append(batch_labels)
     return np.concatenate(images), np.concatenate(labels)
 
 
