@@ -81,11 +81,44 @@ def test_pgd_in_ball_and_not_weaker_than_clean(norm, eps, step, loss):
 def test_cw_loss_is_margin():
     logits = torch.tensor([[2.0, 1.0, 0.5], [0.0, 3.0, 1.0]])
     y = torch.tensor([0, 0])
-    # -(z_y - max_other) summed: -(2-1) + -(0-3) = -1 + 3
-    assert cw_loss(logits, y).item() == pytest.approx(2.0)
-    # flat (no gradient) once a point is misclassified by more than kappa = 50, like the reference
-    assert cw_loss(torch.tensor([[0.0, 100.0]]), torch.tensor([0])).item() == pytest.approx(50.0)
+    # The reference: -clamp(z_y - max_other, min=0) summed: -(2-1) + -clamp(0-3, min=0) = -1 + 0
+    assert cw_loss(logits, y).item() == pytest.approx(-1.0)
+    # flat (zero loss and gradient) as soon as a point is misclassified, by any margin
+    z = torch.tensor([[0.0, 0.5]], requires_grad=True)
+    loss = cw_loss(z, torch.tensor([0]))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(z.grad) == 0
     assert cw_loss(torch.tensor([[100.0, 0.0]]), torch.tensor([0])).item() == pytest.approx(-100.0)
+    # κ > 0 (not the reference) keeps pushing misclassified points up to a margin of κ
+    assert cw_loss(torch.tensor([[0.0, 100.0]]), torch.tensor([0]), kappa=50).item() == pytest.approx(50.0)
+
+
+def test_l2_pgd_starts_on_the_eps_sphere():
+    """The reference's ℓ2 start: radius exactly ε (here no clipping: images at 0.5, ε small)."""
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    x = torch.full((16, 3, 8, 8), 0.5)
+    y = torch.zeros(16, dtype=torch.long)
+    x0 = pgd_attack(m, x, y, norm="l2", eps=0.25, step=0.1, steps=0, generator=torch.Generator().manual_seed(0))
+    radius = (x0 - x).flatten(1).norm(dim=1)
+    torch.testing.assert_close(radius, torch.full((16,), 0.25), atol=1e-6, rtol=0)
+
+
+def test_pgd_at_attacks_in_eval_mode_and_trains_with_plain_ce():
+    from robustdiff.adversarial.trades import AttackConfig, pgd_at_loss
+
+    torch.manual_seed(0)
+    m = WideResNet(depth=10, width=1, num_classes=10, in_channels=1, mean=(0.5,), std=(0.5,))
+    modes = []
+    m.init_conv.register_forward_hook(lambda mod, i, o: modes.append(mod.training))
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    cfg = AttackConfig(norm="linf", eps=8 / 255, step=2 / 255, steps=3)
+    m.train()
+    out = pgd_at_loss(m, x, y, cfg, generator=torch.Generator().manual_seed(1))
+    assert modes[:3] == [False, False, False] and modes[-1] is True and m.training  # attack eval, loss train
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits_adv, y))  # no smoothing
+    modes.clear()
+    pgd_at_loss(m, x, y, cfg, generator=torch.Generator().manual_seed(1), attack_mode="train", label_smoothing=0.1)
+    assert all(modes)
 
 
 def test_smoothed_ce_and_kl_by_hand():

@@ -145,8 +145,8 @@ def test_fused_ema_matches_python_loop():
             for p in model.parameters():
                 p.add_(0.01 * torch.randn(p.shape, generator=g))
         decay = fused.update(model)
-        # The reference calls ema_update after incrementing its global step: its step s+1 is our update s.
-        reference_ema_update(loop, model, step + 1, 0.995, warmup + 1)
+        # The reference calls ema_update after incrementing its global step, with the same warm-up W.
+        reference_ema_update(loop, model, step + 1, 0.995, warmup)
         exact = [e * decay + p.detach().double() * (1 - decay) for e, p in zip(exact, model.parameters())]
         for a, b, e in zip(fused.module.parameters(), loop.parameters(), exact):
             torch.testing.assert_close(a, b, atol=EMA_ATOL, rtol=EMA_RTOL)

@@ -95,7 +95,8 @@ def test_ema_update_and_bn_copy():
             for p in live.parameters():
                 p.add_(torch.randn_like(p))
         d = ema.update(live)
-        assert d == ema_decay(step, 2)
+        assert d == ema_decay(step + 1, 2)  # the update after the (step+1)-th optimiser step
+        assert (d == 0.0) == (step + 1 < 2)  # the first averaging update is the one whose 1-based step reaches W
         for b, e, lp in zip(before, ema.module.parameters(), live.parameters()):
             torch.testing.assert_close(e, d * b + (1 - d) * lp)
     with torch.no_grad():

@@ -56,10 +56,11 @@ def input_grad_only(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def cw_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> torch.Tensor:
+def cw_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = 0.0) -> torch.Tensor:
     """Carlini–Wagner margin, summed over the batch: -clamp(z_y - max_{j≠y} z_j, min=-kappa).
 
-    Maximising it pushes the true logit below the best other one (the reference's ``cwloss``).
+    Maximising it pushes the true logit below the best other one. κ = 0 is the reference's: a point stops
+    moving (zero loss and gradient) once it is misclassified. κ > 0 keeps pushing it up to a margin of κ.
     """
     onehot = F.one_hot(y, logits.shape[1]).bool()
     correct = logits[onehot]
@@ -105,7 +106,7 @@ def pgd_attack(
     random_start: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """PGD with uniform random start (ℓ∞) or a random point in the ball (ℓ2). Returns x_adv in [0, 1].
+    """PGD with uniform random start (ℓ∞) or a random point on the ε-sphere (ℓ2). Returns x_adv in [0, 1].
 
     Parameters are not differentiated; the model's mode (train/eval) is left as the caller set it.
     """
@@ -117,9 +118,9 @@ def pgd_attack(
         if norm == "linf":
             x_adv = x + (2 * _rand_like(x, generator) - 1) * eps
         else:
+            # The reference's start: a random direction at radius exactly ε (then clipped to [0, 1] and projected).
             d = _rand_like(x, generator, normal=True)
-            r = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
-            x_adv = x + d / _l2_norm(d).clamp_min(1e-12) * eps * r
+            x_adv = x + d / _l2_norm(d).clamp_min(1e-12) * eps
         x_adv = project(x_adv, x, norm, eps)
     else:
         x_adv = x.clone()

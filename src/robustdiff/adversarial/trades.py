@@ -127,13 +127,28 @@ def pgd_at_loss(
     y: torch.Tensor,
     cfg: AttackConfig,
     *,
-    label_smoothing: float = 0.1,
+    label_smoothing: float = 0.0,
     generator: torch.Generator | None = None,
+    attack_mode: str = "eval",
 ) -> StepOutput:
-    """Madry et al. PGD-AT: CE on adversarial examples only (attack with frozen BN statistics)."""
-    with frozen_bn_stats(model):
-        x_adv = pgd_attack(model, x, y, norm=cfg.norm, eps=cfg.eps, step=cfg.step, steps=cfg.steps,
-                           loss="ce", generator=generator)
+    """Madry et al. PGD-AT: CE on adversarial examples only.
+
+    ``attack_mode="eval"`` (the reference): the attack runs the model in eval mode (BN running statistics used,
+    not updated) and the loss is plain CE. ``"train"``: the attack uses batch statistics with the running
+    statistics frozen, as TRADES' attack does (robustdiff's earlier variant, ``loss=pgd_at_train``).
+    """
+    if attack_mode == "eval":
+        was_training = model.training
+        model.eval()
+        try:
+            x_adv = pgd_attack(model, x, y, norm=cfg.norm, eps=cfg.eps, step=cfg.step, steps=cfg.steps,
+                               loss="ce", generator=generator)
+        finally:
+            model.train(was_training)
+    else:
+        with frozen_bn_stats(model):
+            x_adv = pgd_attack(model, x, y, norm=cfg.norm, eps=cfg.eps, step=cfg.step, steps=cfg.steps,
+                               loss="ce", generator=generator)
     logits_adv = model(x_adv)
     loss = smoothed_cross_entropy(logits_adv, y, label_smoothing)
     zero = torch.zeros((), device=x.device)

@@ -24,7 +24,7 @@ from ..utils.hardware import COMPILE_CHOICES, allow_graphs
 from .ema import EMA
 from .schedule import CosineW
 
-LOSSES = ("trades", "pgd_at", "ce")
+LOSSES = ("trades", "pgd_at", "pgd_at_train", "ce")
 SELECT = ("pgd", "clean")  # the validation accuracy that picks the best epoch
 SCHEDULES = ("cosinew", "constant")
 
@@ -66,7 +66,7 @@ class AdversarialTraining(pl.LightningModule):
         eval_batch_size: int = 256,
         eval_steps: int = 40,
         val_loss: str = "cw",
-        test_loss: str = "ce",
+        test_loss: str = "cw",
         test_every: int = 25,
         select: str = "pgd",
         channels_last: bool = False,
@@ -167,8 +167,11 @@ class AdversarialTraining(pl.LightningModule):
             out = trades_loss(model, x, y, self.attack, beta=self.beta,
                               label_smoothing=self.label_smoothing, generator=g, index=batch["position"],
                               total=batch["global_size"])
-        elif self.loss_name == "pgd_at":
-            out = pgd_at_loss(model, x, y, self.attack, label_smoothing=self.label_smoothing, generator=g)
+        elif self.loss_name == "pgd_at":  # the reference: eval-mode attack, plain CE
+            out = pgd_at_loss(model, x, y, self.attack, label_smoothing=0.0, generator=g, attack_mode="eval")
+        elif self.loss_name == "pgd_at_train":  # batch-statistics attack (frozen running stats), label smoothing
+            out = pgd_at_loss(model, x, y, self.attack, label_smoothing=self.label_smoothing, generator=g,
+                              attack_mode="train")
         else:
             out = standard_loss(model, x, y, label_smoothing=self.label_smoothing)
         if first_step:

@@ -9,9 +9,10 @@ from torch import nn
 
 
 def ema_decay(step: int, warmup_steps: float, tau: float = 0.995) -> float:
-    """Decay used by the update after optimiser step `step` (0-based count of earlier updates).
+    """Decay of the update after optimiser step ``step``: the 1-based count of optimiser steps including the
+    current one, as the reference passes its global step after incrementing it (SPEC §5).
 
-    Before the warm-up the average equals the live weights (decay 0); then
+    Before the warm-up (step < W) the average equals the live weights (decay 0); then
     min(τ, (1 + Δ) / (10 + Δ)) with Δ = step − W.
     """
     if step < warmup_steps:
@@ -42,7 +43,7 @@ class EMA(nn.Module):
     def update(self, model: nn.Module) -> float:
         if self._host_updates is None:
             self._host_updates = int(self.num_updates)
-        decay = ema_decay(self._host_updates, self.warmup_steps, self.tau)
+        decay = ema_decay(self._host_updates + 1, self.warmup_steps, self.tau)  # this update's 1-based step
         ema_params = list(self.module.parameters())
         live_params = [p.detach() for p in model.parameters()]
         if decay == 0.0:

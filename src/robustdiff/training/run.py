@@ -170,8 +170,9 @@ def validate(cfg: DictConfig) -> AttackConfig:
          f"of {info.name} ({'limit_train=' + str(cfg.limit_train) if cfg.limit_train else info.n_train} minus "
          f"val_size={cfg.val_size}); use batch_size <= {n_real}")
     need(isinstance(cfg.eval.steps, int) and cfg.eval.steps >= 1, f"eval.steps={cfg.eval.steps!r} must be >= 1")
-    need(cfg.loss in ("trades", "pgd_at", "ce"), f"loss={cfg.loss!r}: choose trades (the paper), pgd_at or ce "
-         "(standard training, no attack: for the classifiers that measure generated data)")
+    need(cfg.loss in ("trades", "pgd_at", "pgd_at_train", "ce"), f"loss={cfg.loss!r}: choose trades (the paper), "
+         "pgd_at (the reference's: eval-mode attack, plain CE), pgd_at_train (batch-statistics attack, label "
+         "smoothing) or ce (standard training, no attack: for the classifiers that measure generated data)")
     need(cfg.eval.get("select", "pgd") in ("pgd", "clean"), f"eval.select={cfg.eval.get('select')!r}: choose pgd "
          "(best epoch = highest validation PGD accuracy, the reference) or clean")
     need(isinstance(cfg.eval.test_every, int) and cfg.eval.test_every >= 1,
