@@ -423,6 +423,9 @@ def test_cli_eval_flags_override_run_json(sweep, tmp_path):
 def test_cli_export_and_card(evaluated, aa_points, tmp_path):
     run_dir, _ = evaluated
     out, card_path = tmp_path / "export" / "model.pt", tmp_path / "export" / "card.json"
+    with pytest.raises(SystemExit, match="does not exist; create it first"):  # never a silent mkdir -p
+        cli_eval.main(["export", str(run_dir), "--out", str(out), "--card", str(card_path)])
+    out.parent.mkdir()
     cli_eval.main(["export", str(run_dir), "--out", str(out), "--card", str(card_path)])
     model = load_wideresnet(run_dir / "model.pt", dataset=DATASET)
     assert torch.equal(_logits(load_wideresnet(out, dataset=DATASET), aa_points[0]), _logits(model, aa_points[0]))
