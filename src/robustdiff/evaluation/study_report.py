@@ -78,8 +78,8 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def findings(data: dict[str, Any], spec: Any) -> list[str]:
-    """Plain statements computed from the numbers (no interpretation beyond arithmetic)."""
-    rows = data["rows"]
+    """Plain statements computed from the numbers of finished arms (no interpretation beyond arithmetic)."""
+    rows = [r for r in data["rows"] if r["finished"]]
     out = []
     real = [r for r in rows if r["generator"] is None]
     quality = {g: q for g, q in data["quality"].items() if q}
@@ -116,6 +116,14 @@ def findings(data: dict[str, Any], spec: Any) -> list[str]:
                 verdict = "did not go with higher"
             out.append(f"Lower FD {verdict} AutoAttack accuracy at the first seed: " +
                        ", ".join(f"{g} FD {fd:.2f} → AA {_pct(aa)}%" for fd, aa, g in by_gen) + ".")
+    if quality:
+        seed0 = spec.train.seeds[0]
+        sweep = sorted((r["ratio"], r) for r in rows if r["generator"] == best and r["seed"] == seed0)
+        sweep += [(1.0, r) for r in rows if r["generator"] is None and r["seed"] == seed0]
+        if len(sweep) >= 3:
+            out.append(f"Ratio of real images per batch with {best} (seed {seed0}; 1 = real data only), AutoAttack / "
+                       "test PGD at the best epoch: " + ", ".join(f"{ratio:g}: {_pct(r['aa'])}% / {_pct(r['pgd_best'])}%"
+                                                                 for ratio, r in sweep) + ".")
     gaps = [(r["arm"], r["pgd_gap"], r["best_epoch"], r["epochs"]) for r in rows if r["pgd_gap"] is not None]
     if gaps:
         out.append("Robust overfitting (test PGD best − last epoch, points): " + ", ".join(
@@ -130,14 +138,14 @@ def figure_fd_vs_robust(data: dict[str, Any], spec: Any, path: Path) -> Path:
     fig = Figure(figsize=(7.5, 4.4), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    rows = [r for r in data["rows"] if r["generator"] and r["ratio"] == spec.train.ratio]
+    rows = [r for r in data["rows"] if r["generator"] and r["ratio"] == spec.train.ratio and r["finished"]]
     for key, label, color, marker in (("aa", "AutoAttack", "tab:red", "o"), ("pgd_best", "test PGD (best epoch)",
                                                                              "tab:orange", "s"),
                                       ("clean_best", "clean (best epoch)", "tab:blue", "^")):
         pts = [(r["fd"], r[key], r["generator"]) for r in rows if r["fd"] is not None and r[key] is not None]
         if pts:
             ax.scatter([p[0] for p in pts], [100 * p[1] for p in pts], color=color, marker=marker, label=label)
-        real = _mean([r[key] for r in data["rows"] if r["generator"] is None])
+        real = _mean([r[key] for r in data["rows"] if r["generator"] is None and r["finished"]])
         if real is not None:
             ax.axhline(100 * real, color=color, linestyle="--", linewidth=1,
                        label=f"{label}, real data only")
