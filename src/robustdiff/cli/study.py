@@ -320,11 +320,17 @@ def run_study(args: argparse.Namespace) -> Path:
     spec = load_study(args.study, out)
     if args.report_only:
         return write_study_report(out, spec)
-    started = time.monotonic()
-    seconds: dict[str, float] = {}
+    from ..utils.io import atomic_write_json
+
+    timing_path = out / "timing.json"
+    seconds: dict[str, float] = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
 
     def timed(key: str, t0: float) -> None:
-        seconds[key] = seconds.get(key, 0.0) + time.monotonic() - t0
+        """Seconds per stage over every invocation (an interrupted one included), saved after each stage."""
+        now = time.monotonic()
+        seconds[key] = seconds.get(key, 0.0) + now - t0
+        seconds["wall"] = seconds.get("wall", 0.0) + now - t0
+        atomic_write_json(timing_path, seconds)
 
     t0 = time.monotonic()
     classifier = train_classifier(spec, out, args.data_dir)
@@ -337,7 +343,9 @@ def run_study(args: argparse.Namespace) -> Path:
     t0 = time.monotonic()
     stores = generate_stores(spec, out, edm_dir)
     timed("generate", t0)
+    t0 = time.monotonic()
     quality = measure_stores(spec, out, stores, classifier)
+    timed("quality", t0)
     # Pre-registered: the best generator is the one with the lowest classifier FD, chosen before any training.
     best = min(quality, key=lambda g: quality[g]["value"])
     print(f"robustdiff-study: best generator (lowest classifier FD): {best}")
@@ -357,13 +365,6 @@ def run_study(args: argparse.Namespace) -> Path:
         evaluate_arm(spec, run_dir)
         timed("evaluate", t0)
     _stage("9/9 report")
-    timing_path = out / "timing.json"
-    previous = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
-    total = {k: previous.get(k, 0.0) + v for k, v in seconds.items()}
-    total["wall"] = previous.get("wall", 0.0) + time.monotonic() - started
-    from ..utils.io import atomic_write_json
-
-    atomic_write_json(timing_path, total)
     report = write_study_report(out, spec)
     print(f"\nrobustdiff-study: {report}")
     return report

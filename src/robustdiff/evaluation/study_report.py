@@ -256,7 +256,8 @@ def render(data: dict[str, Any], spec: Any, figures: dict[str, str]) -> str:
                   ", ".join(f"[{g.stem}](edm/samples/{g.name})" for g in grids)]
     t = data.get("timing") or {}
     if t:
-        lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) + "."]
+        lines += ["", "Seconds per stage as recorded by robustdiff-study (stages that ran in an invocation that "
+                  "stopped before recording are missing): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
