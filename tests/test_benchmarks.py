@@ -34,7 +34,9 @@ def test_gpu_check_smoke_writes_every_measurement(tmp_path):
     assert r["bf16_peak_tflops"] > 0
     for config in ("fp32", "bf16"):
         t = r["trades"][config]
-        assert t["images_per_s"] > 0 and 0 < t["fraction_of_bf16_peak"] < 1
+        # > 0 only: on a shared CPU the matmul peak and the step are timed at different moments, so the
+        # fraction can exceed 1 under load; the bound means something on a GPU, not in this smoke run.
+        assert t["images_per_s"] > 0 and t["fraction_of_bf16_peak"] > 0
     edm = r["edm"]
     assert {"fp32", "bf16", "fp16"} <= set(edm) and edm["max_abs_dpixel_uint8"] >= 0
     assert "% bf16 peak" in proc.stdout
