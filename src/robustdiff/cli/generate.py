@@ -26,7 +26,6 @@ Exit status: 0 done (or stopped by ``stop_after_shards``), 2 bad input.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -53,7 +52,7 @@ from ..data.store import (
     write_block,
 )
 from ..utils.hardware import COMPILE_CHOICES, COMPILE_MODES
-from ..utils.io import atomic_path
+from ..utils.io import atomic_path, file_sha256
 from .train import CONF_DIR
 
 SCORES_DIR = "scores"
@@ -64,14 +63,6 @@ class GenerationError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_generator(path: str | os.PathLike, device: torch.device | str = "cpu"):

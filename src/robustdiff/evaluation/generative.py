@@ -23,7 +23,6 @@ classifier sha256, source of the images) that ``score`` checks before comparing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..utils.io import atomic_path
+from ..utils.io import atomic_path, file_sha256
 
 FEATURE_KINDS = ("inception", "classifier")
 # torch-fidelity's converted TF-Inception weights (what torchmetrics' FID downloads when it can).
@@ -112,14 +111,6 @@ def load_statistics(path: str | os.PathLike) -> Statistics:
 
 
 # ---------------------------------------------------------------------------------------------------- networks
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ClassifierFeatures(nn.Module):

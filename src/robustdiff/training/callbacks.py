@@ -25,6 +25,17 @@ KILL_ENV = "ROBUSTDIFF_KILL_AFTER"
 SIGNAL_ENV = "ROBUSTDIFF_SELF_SIGNAL"
 
 
+def stop_requested(signum: int, already: int | None) -> int:
+    """The rule of every robustdiff job's signal handler: note the signal, save and stop at the next step
+    boundary; a second Ctrl-C stops at once without saving. Returns the signal to record."""
+    if signum == signal.SIGINT:
+        if already == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving this step's position
+        print("\nrobustdiff: Ctrl-C — saving the run at the end of this step (press Ctrl-C again to stop "
+              "without saving)", flush=True)
+    return signum
+
+
 class SimulatedKill(BaseException):
     """Raised by ``kill_point``: a crash at a publication point (BaseException so nothing catches it)."""
 
@@ -152,12 +163,7 @@ class RunCheckpoint(Checkpoint):
                     pass
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT:
-            if self.received == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving this step's position
-            print("\nrobustdiff: Ctrl-C — saving the run at the end of this step (press Ctrl-C again to stop "
-                  "without saving)", flush=True)
-        self._signal = self.received = signum
+        self._signal = self.received = stop_requested(signum, self.received)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for sig, handler in self._previous.items():

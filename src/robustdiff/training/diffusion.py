@@ -48,7 +48,7 @@ from ..models.unet import UNET_PRESETS, resolution_pyramid, unet_preset
 from ..utils.io import atomic_path, atomic_torch_save, atomic_write_json, remove_orphan_temporaries
 from ..utils.lock import DirectoryLock
 from .adversarial import step_seed
-from .callbacks import kill_point, load_checkpoint_file
+from .callbacks import kill_point, load_checkpoint_file, stop_requested
 from .run import (
     EDM_RESUMABLE_CHANGES,
     ConfigError,
@@ -294,12 +294,7 @@ class EDMSnapshot(Checkpoint):
                     self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT:
-            if self.received == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving this step's position
-            print("\nrobustdiff: Ctrl-C — saving the run at the end of this step (press Ctrl-C again to stop "
-                  "without saving)", flush=True)
-        self._signal = self.received = signum
+        self._signal = self.received = stop_requested(signum, self.received)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: EDMTraining) -> None:
         for sig, handler in self._previous.items():

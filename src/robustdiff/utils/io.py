@@ -120,3 +120,14 @@ def remove_orphan_temporaries(directory: str | os.PathLike, subdirs: tuple[str, 
                     removed.append(p)
     return removed
 
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, read in 4 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
