@@ -23,9 +23,10 @@ reach, (2) 2× upsampling with the sym6 wavelet low-pass filter, (3) bilinear ``
 2× canvas, (4) sym6 low-pass filtering and 2× downsampling — which aliases far less than a plain
 bilinear warp. Differences from NVIDIA's code, none visible at the pipe's defaults:
 
-- images that drew no geometric op are returned untouched; NVIDIA's runs them through the filters too,
-  which changes them only by float round-off (≤ ~1e-5 for images in [−1, 1]), and skipping them
-  makes the pipe ~2.5× cheaper at p = 0.12;
+- images that drew no geometric op are returned untouched (only flipped); NVIDIA's runs them through
+  the filters too, which changes them by float round-off only (≤ ~1e-5 for images in [−1, 1]). At
+  p = 0.12 about 40% of the images are resampled instead of all of them. The padding is still sized
+  from the whole batch, so the resampled images are NVIDIA's;
 - the label vector always has 9 columns (NVIDIA's drops the columns of disabled ops);
 - an optional ``generator`` replaces the global RNG (None = the global RNG, as NVIDIA's);
 - NVIDIA's integer rotation/translation and colour ops, which EDM never enables, are not provided.
