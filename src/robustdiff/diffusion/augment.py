@@ -20,8 +20,8 @@ for the same RNG state it makes the same draws, in the same order and shapes, so
 same augmentations and labels. The geometric ops are composed into one inverse matrix per image and
 applied by (1) reflect-padding by the batch's largest transformed-corner overhang plus the filter's
 reach, (2) 2× upsampling with the sym6 wavelet low-pass filter, (3) bilinear ``grid_sample`` into a
-2× canvas, (4) sym6 low-pass filtering and 2× downsampling — which aliases far less than a plain
-bilinear warp. Differences from NVIDIA's code, none visible at the pipe's defaults:
+2× canvas, (4) sym6 low-pass filtering and 2× downsampling — which aliases less than a plain
+bilinear warp. Differences from NVIDIA's code (none beyond float round-off at EDM's settings):
 
 - images that drew no geometric op are returned untouched (only flipped); NVIDIA's runs them through
   the filters too, which changes them by float round-off only (≤ ~1e-5 for images in [−1, 1]). At
