@@ -3,7 +3,9 @@
 Batches leave the host as uint8 (B, H, W, C) plus int64 labels; conversion to float and the
 dataset's augmentation happen on the device (see ``data/augment.py``), identically for both
 sources. Which images form batch (epoch, step) is a pure function of the seed
-(``MixedBatchPlan``), so a run resumes mid-epoch on exactly the next batch.
+(``MixedBatchPlan``), so a run resumes mid-epoch on exactly the next batch. The validation images
+are the first ``val_size`` training images, or a seeded class-stratified sample for sets stored sorted by
+class (``val_split``; see ``datasets.validation_indices``).
 """
 
 from __future__ import annotations
