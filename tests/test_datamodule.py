@@ -157,3 +157,14 @@ def test_resume_right_before_the_short_batch_is_exact(tmp_path):
     a, b = (torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
             for d in ("straight", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("override,message", [("last_batch=drop", "last_batch='drop': choose reference"),
+                                              ("val_split=random", "val_split='random': choose first"),
+                                              ("val_seed=-1", "val_seed=-1 must be an integer >= 0")])
+def test_bad_split_and_last_batch_values_are_refused_before_any_work(override, message, tmp_path):
+    from robustdiff.training.run import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        train(compose_train(*TINY, override), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
