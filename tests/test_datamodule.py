@@ -113,3 +113,58 @@ def test_training_on_real_plus_generated(fmnist_store, tmp_path):
     assert summary["finished"]
     desc = json.loads((run / "run.json").read_text())
     assert desc["n_generated"] == N_GEN and desc["ratio"] == 0.5 and desc["generated"] == str(fmnist_store)
+    # Fashion-MNIST is stored in random order: the reference's "first val_size" split, recorded
+    assert desc["val_split"] == {"rule": "first", "seed": None, "size": 64, "classes": 10, "num_classes": 10}
+
+
+def test_short_batch_reaches_every_rank_with_its_positions():
+    # no generated data, 330 − 64 = 266 real images, batch 32: batch 8 of each epoch is the end of a
+    # permutation, 266 mod 32 = 10 images (last_batch=reference); ceil(330 / 32) = 11 batches per epoch.
+    dm = RobustDataModule("fashionmnist", 32, seed=3, limit_train=330, val_size=64)
+    dm.setup("fit")
+    single = list(loader(dm))
+    assert [b["image"].shape[0] for b in single] == [32] * 8 + [10] + [32] * 2
+    assert [b["global_size"] for b in single] == [32] * 8 + [10] + [32] * 2
+    r0, r1 = list(loader(dm, 0, 2)), list(loader(dm, 1, 2))
+    assert len(r0) == len(r1) == 11  # the same number of steps on every rank: DDP cannot hang
+    for s, a, b in zip(single, r0, r1):
+        assert torch.equal(torch.cat([a["image"], b["image"]]), s["image"])
+        assert torch.equal(torch.cat([a["position"], b["position"]]), torch.arange(s["global_size"]))
+        assert a["global_size"] == b["global_size"] == s["global_size"]
+    assert (r0[8]["image"].shape[0], r1[8]["image"].shape[0]) == (5, 5)
+    fill = RobustDataModule("fashionmnist", 32, seed=3, limit_train=330, val_size=64, last_batch="fill")
+    fill.setup("fit")
+    assert [b["image"].shape[0] for b in loader(fill)] == [32] * 11
+
+
+def test_run_with_a_short_batch_records_its_split(tmp_path):
+    run = tmp_path / "short"
+    summary = train(compose_train(*TINY, "epochs=1", "limit_train=330", "val_split=stratified", "val_seed=5"), run)
+    assert summary["finished"]
+    desc = json.loads((run / "run.json").read_text())
+    assert desc["last_batch"] == "reference"
+    assert desc["val_split"] == {"rule": "stratified", "seed": 5, "size": 64, "classes": 10, "num_classes": 10}
+    assert desc["identity"]["val_split"] == "stratified" and desc["identity"]["last_batch"] == "reference"
+
+
+def test_resume_right_before_the_short_batch_is_exact(tmp_path):
+    # 266 real images, batch 32: step 8 of 11 is the short batch (10 images); stop after 8 steps, resume there
+    common = (*TINY, "epochs=1", "limit_train=330")
+    straight = train(compose_train(*common), tmp_path / "straight")
+    stopped = train(compose_train(*common, "interrupt_after_steps=8"), tmp_path / "resumed")
+    assert straight["finished"] and stopped.get("interrupted")
+    assert train(compose_train(*common), tmp_path / "resumed")["finished"]
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+            for d in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("override,message", [("last_batch=drop", "last_batch='drop': choose reference"),
+                                              ("val_split=random", "val_split='random': choose first"),
+                                              ("val_seed=-1", "val_seed=-1 must be an integer >= 0")])
+def test_bad_split_and_last_batch_values_are_refused_before_any_work(override, message, tmp_path):
+    from robustdiff.training.run import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        train(compose_train(*TINY, override), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -159,3 +159,86 @@ def test_batch_augmentation_ops():
     out1 = augment_batch(x, "crop_flip_rotate", 4, torch.Generator().manual_seed(5))
     out2 = augment_batch(x, "crop_flip_rotate", 4, torch.Generator().manual_seed(5))
     assert torch.equal(out1, out2)  # a pure function of the generator's seed
+
+
+def _write_class_sorted_tinyimagenet(root, wnids, per_class, val_per_class):
+    """A tiny-imagenet-200 folder: train/<wnid>/images/*.JPEG (class-sorted, as ImageFolder stores it) and
+    val/ with val_annotations.txt. Every image is a flat grey whose level encodes its wnid's line in wnids.txt."""
+    from PIL import Image
+
+    base = root / "tiny-imagenet-200"
+    base.mkdir()
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for line, w in enumerate(wnids):
+        d = base / "train" / w / "images"
+        d.mkdir(parents=True)
+        for j in range(per_class):
+            Image.fromarray(np.full((64, 64, 3), 10 * line + 5, np.uint8)).save(d / f"{w}_{j}.JPEG")
+    (base / "val" / "images").mkdir(parents=True)
+    rows = []
+    for j in range(val_per_class):
+        for line, w in enumerate(wnids):
+            name = f"val_{j}_{line}.JPEG"
+            Image.fromarray(np.full((64, 64, 3), 10 * line + 5, np.uint8)).save(base / "val" / "images" / name)
+            rows.append(f"{name}\t{w}\t0\t0\t64\t64")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(rows) + "\n")
+
+
+def test_tinyimagenet_class_index_is_the_wnids_line(tmp_path):
+    # wnids.txt is not in sorted order here: class i must be line i (the order generated data is labelled in),
+    # not the i-th folder name in sorted order (torchvision ImageFolder's rule).
+    wnids = ["n09999999", "n01443537", "n05555555", "n02124075", "n07777777", "n01629819"]
+    _write_class_sorted_tinyimagenet(tmp_path, wnids, per_class=2, val_per_class=2)
+    for split, n in (("train", 12), ("test", 12)):
+        x, y = load_split("tinyimagenet", split, tmp_path)
+        assert len(y) == n
+        level = np.rint((x.reshape(n, -1).mean(1) - 5) / 10).astype(int)  # the wnids.txt line each image came from
+        np.testing.assert_array_equal(y, level)
+    assert load_split("tinyimagenet", "train", tmp_path)[1].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+
+
+def test_class_sorted_set_gets_a_stratified_validation_split(tmp_path):
+    from robustdiff.data.datamodule import RobustDataModule
+    from robustdiff.data.datasets import validation_indices
+
+    wnids = [f"n{i:08d}" for i in range(12)]
+    _write_class_sorted_tinyimagenet(tmp_path, wnids, per_class=6, val_per_class=1)
+    dm = RobustDataModule("tinyimagenet", 16, data_dir=str(tmp_path), val_size=24)
+    dm.setup("fit")
+    val_y = dm.val[1].numpy()
+    assert np.bincount(val_y, minlength=12).tolist() == [2] * 12  # every class, in proportion
+    assert dm.val_split_info == {"rule": "stratified", "seed": 0, "size": 24, "classes": 12, "num_classes": 200}
+    assert len(dm.train_y) == 72 - 24 and np.bincount(dm.train_y, minlength=12).tolist() == [4] * 12
+    # validation and training images are disjoint, and together the whole training set
+    train_x, _ = load_split("tinyimagenet", "train", tmp_path)
+    rows = validation_indices(load_split("tinyimagenet", "train", tmp_path)[1], 24, "stratified", 0)
+    assert torch.equal(dm.val[0], torch.from_numpy(train_x[rows]))
+    # the reference's "first 24" sees 4 of the 12 classes
+    first = RobustDataModule("tinyimagenet", 16, data_dir=str(tmp_path), val_size=24, val_split="first")
+    first.setup("fit")
+    assert first.val_split_info["classes"] == 4
+
+
+def test_validation_split_rules():
+    from robustdiff.data.datasets import validation_indices
+
+    # a class-sorted 200-class set of 500 images each (TinyImageNet's training set)
+    labels = np.repeat(np.arange(200), 500)
+    assert len(np.unique(labels[validation_indices(labels, 1024, "first")])) == 3
+    rows = validation_indices(labels, 1024, "stratified", seed=0)
+    assert len(rows) == 1024 == len(np.unique(rows))
+    counts = np.bincount(labels[rows], minlength=200)
+    assert counts.min() == 5 and counts.max() == 6 and counts.sum() == 1024  # 1024 / 200 = 5.12 per class
+    np.testing.assert_array_equal(rows, validation_indices(labels, 1024, "stratified", seed=0))  # seeded
+    assert not np.array_equal(rows, validation_indices(labels, 1024, "stratified", seed=1))
+    # unequal classes get their share; fewer images than classes still cover distinct classes
+    uneven = np.repeat(np.arange(4), [100, 50, 30, 20])
+    assert np.bincount(uneven[validation_indices(uneven, 20, "stratified")], minlength=4).tolist() == [10, 5, 3, 2]
+    assert len(np.unique(labels[validation_indices(labels, 50, "stratified")])) == 50
+    assert len(validation_indices(labels, 0, "stratified")) == 0
+    with pytest.raises(ValueError, match="val_split"):
+        validation_indices(labels, 10, "random")
+    from robustdiff.data.datasets import get_info
+
+    assert [get_info(n).val_split for n in ("cifar10", "cifar100", "svhn", "fashionmnist", "tinyimagenet")] == [
+        "first", "first", "first", "first", "stratified"]

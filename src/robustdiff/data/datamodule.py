@@ -3,7 +3,9 @@
 Batches leave the host as uint8 (B, H, W, C) plus int64 labels; conversion to float and the
 dataset's augmentation happen on the device (see ``data/augment.py``), identically for both
 sources. Which images form batch (epoch, step) is a pure function of the seed
-(``MixedBatchPlan``), so a run resumes mid-epoch on exactly the next batch.
+(``MixedBatchPlan``), so a run resumes mid-epoch on exactly the next batch. The validation images
+are the first ``val_size`` training images, or a seeded class-stratified sample for sets stored sorted by
+class (``val_split``; see ``datasets.validation_indices``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from .datasets import VALIDATION_SIZE, get_info, load_split, split_validation
-from .mixing import MixedBatchPlan
+from .datasets import VAL_SPLITS, VALIDATION_SIZE, get_info, load_split, split_validation
+from .mixing import LAST_BATCH, MixedBatchPlan
 
 GENERATED_SAMPLING = ("with_replacement", "permutation")
 
@@ -33,13 +35,7 @@ class MixedBatchLoader:
         self.rank, self.world_size = rank, world_size
         self.epoch_fn, self.consumed_fn = epoch_fn, consumed_fn
         self._resume: tuple[int, int] | None = None
-        # This rank's rows of the global batch [real part | generated part] (rank_batch takes contiguous slices).
-        counts = [plan.rank_counts(q, world_size) for q in range(world_size)]
-        real_start = sum(c[0] for c in counts[:rank])
-        gen_start = plan.n_real_per_batch + sum(c[1] for c in counts[:rank])
-        n_real, n_gen = counts[rank]
-        self.position = torch.cat([torch.arange(real_start, real_start + n_real),
-                                   torch.arange(gen_start, gen_start + n_gen)])
+        plan.rank_counts(rank, world_size)  # refuses a world size the plan cannot share every batch across
 
     def __len__(self) -> int:
         return self.plan.iterations_per_epoch
@@ -52,8 +48,14 @@ class MixedBatchLoader:
             gx, gy = self.store.get(gen_idx)
             images = torch.cat([images, torch.from_numpy(gx)])
             labels = torch.cat([labels, torch.from_numpy(gy)])
-        return {"image": images, "label": labels, "epoch": epoch, "step": step, "position": self.position,
-                "global_size": self.plan.batch_size}
+        # This rank's rows of the global batch [real part | generated part]; a short or topped-up batch
+        # (last_batch=reference) has other sizes than a full one.
+        real_start, gen_start, n_real, n_gen = self.plan.rank_slices(step, self.rank, self.world_size)
+        global_real, global_gen = self.plan.step_counts(step)
+        position = torch.cat([torch.arange(real_start, real_start + n_real),
+                              torch.arange(global_real + gen_start, global_real + gen_start + n_gen)])
+        return {"image": images, "label": labels, "epoch": epoch, "step": step, "position": position,
+                "global_size": global_real + global_gen}
 
     def __iter__(self) -> Iterator[dict]:
         epoch = self.epoch_fn()
@@ -89,7 +91,13 @@ class RobustDataModule(pl.LightningDataModule):
         limit_train: int | None = None,
         limit_test: int | None = None,
         val_size: int = VALIDATION_SIZE,
+        val_split: str | None = None,
+        val_seed: int = 0,
+        last_batch: str = "reference",
     ):
+        """val_split: "first" | "stratified" | None (the dataset's rule: stratified where the stored training
+        set is sorted by class, e.g. TinyImageNet); val_seed seeds the stratified split. last_batch:
+        "reference" | "fill", where a permutation of the real images ends (see ``MixedBatchPlan``)."""
         super().__init__()
         self.info = get_info(dataset)
         if generated_sampling not in GENERATED_SAMPLING:
@@ -100,6 +108,13 @@ class RobustDataModule(pl.LightningDataModule):
         self.generated = generated
         self.ratio, self.generated_sampling, self.seed = ratio, generated_sampling, seed
         self.limit_train, self.limit_test, self.val_size = limit_train, limit_test, val_size
+        self.val_split = self.info.val_split if val_split is None else val_split
+        if self.val_split not in VAL_SPLITS:
+            raise ValueError(f"val_split must be one of {VAL_SPLITS} or null (the dataset's rule), got {val_split!r}")
+        if last_batch not in LAST_BATCH:
+            raise ValueError(f"last_batch must be one of {LAST_BATCH}, got {last_batch!r}")
+        self.val_seed, self.last_batch = val_seed, last_batch
+        self.val_split_info: dict | None = None  # for run.json, after setup
         self.store = None
         self.plan: MixedBatchPlan | None = None
         self.loader: MixedBatchLoader | None = None
@@ -124,16 +139,22 @@ class RobustDataModule(pl.LightningDataModule):
         if self.limit_test:
             test_x, test_y = test_x[: self.limit_test], test_y[: self.limit_test]
         n_base = len(train_x)  # the epoch's base N: the real training set before the validation split
-        (self.train_x, self.train_y), (val_x, val_y) = split_validation(train_x, train_y, self.val_size)
-        self.val = (torch.from_numpy(np.ascontiguousarray(val_x)), torch.from_numpy(val_y))
-        self.test = (torch.from_numpy(np.ascontiguousarray(test_x)), torch.from_numpy(test_y))
+        (self.train_x, self.train_y), (val_x, val_y) = split_validation(
+            train_x, train_y, self.val_size, self.val_split, self.val_seed)
+        self.val_split_info = {
+            "rule": self.val_split, "seed": self.val_seed if self.val_split == "stratified" else None,
+            "size": len(val_y), "classes": int(len(np.unique(val_y))), "num_classes": self.info.num_classes,
+        }
+        # Copies: the held-out images are small, and a memory-mapped cache (TinyImageNet) is read-only.
+        self.val = (torch.from_numpy(np.array(val_x)), torch.from_numpy(np.array(val_y)))
+        self.test = (torch.from_numpy(np.array(test_x)), torch.from_numpy(np.array(test_y)))
         self.store = self.open_store()
         self.iterations_per_epoch = math.ceil(n_base / self.batch_size)
         self.plan = MixedBatchPlan(
             n_real=len(self.train_x), n_generated=len(self.store) if self.store is not None else 0,
             batch_size=self.batch_size, ratio=self.ratio if self.store is not None else 1.0,
             iterations_per_epoch=self.iterations_per_epoch, seed=self.seed,
-            generated_sampling=self.generated_sampling,
+            generated_sampling=self.generated_sampling, last_batch=self.last_batch,
         )
 
     def train_dataloader(self) -> MixedBatchLoader:

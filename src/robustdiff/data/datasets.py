@@ -18,6 +18,11 @@ import numpy as np
 from ..utils.io import atomic_path
 
 VALIDATION_SIZE = 1024
+# How the validation images are chosen (SPEC §5 "Validation split"): "first" = the first n_val training images
+# (the reference; a fair sample where the stored order is random), "stratified" = a seeded sample with every
+# class in proportion to its size (for sets stored sorted by class, ImageFolder-style).
+VAL_SPLITS = ("first", "stratified")
+_TAG_VAL = 0x7A1  # seeds the stratified split apart from every training stream
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -32,6 +37,7 @@ class DatasetInfo:
     n_test: int
     augmentation: str  # see data/augment.py
     crop_padding: int = 4
+    val_split: str = "first"  # the default rule: "stratified" where the stored training set is sorted by class
 
     @property
     def n_base(self) -> int:
@@ -46,7 +52,7 @@ DATASETS: dict[str, DatasetInfo] = {
                             50_000, 10_000, "crop_flip_rotate"),
     "svhn": DatasetInfo("svhn", 10, (32, 32, 3), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 73_257, 26_032, "none"),
     "tinyimagenet": DatasetInfo("tinyimagenet", 200, (64, 64, 3), (0.4802, 0.4481, 0.3975),
-                                (0.2302, 0.2265, 0.2262), 100_000, 10_000, "crop_flip"),
+                                (0.2302, 0.2265, 0.2262), 100_000, 10_000, "crop_flip", val_split="stratified"),
     "fashionmnist": DatasetInfo("fashionmnist", 10, (28, 28, 1), (0.2860,), (0.3530,), 60_000, 10_000, "crop_flip",
                                  crop_padding=2),
 }
@@ -82,9 +88,47 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike | None = None,
     return np.ascontiguousarray(images, dtype=np.uint8), labels.astype(np.int64)
 
 
-def split_validation(images: np.ndarray, labels: np.ndarray, n_val: int = VALIDATION_SIZE):
-    """The first ``n_val`` training images are the validation split; the rest is trained on."""
-    return (images[n_val:], labels[n_val:]), (images[:n_val], labels[:n_val])
+def validation_indices(labels: np.ndarray, n_val: int = VALIDATION_SIZE, rule: str = "first",
+                       seed: int = 0) -> np.ndarray:
+    """Rows of the training set (int64, ascending) that form the validation split.
+
+    labels: int (N,); n_val in [0, N]; rule "first" (rows 0 .. n_val−1) or "stratified": class c gets
+    floor(n_val·N_c/N) rows, the n_val left over go one each to the classes with the largest remainders
+    (ties broken at random), and each class's rows are a seeded random sample of that class. With
+    n_val >= the number of classes every class (and with fewer, n_val distinct classes) is covered.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if rule not in VAL_SPLITS:
+        raise ValueError(f"val_split must be one of {VAL_SPLITS}, got {rule!r}")
+    if int(n_val) != n_val or not 0 <= n_val <= n:
+        raise ValueError(f"val_size={n_val!r} must be an integer in [0, {n}] (the training images)")
+    if rule == "first" or n_val == 0:
+        return np.arange(int(n_val), dtype=np.int64)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), _TAG_VAL])))
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = n_val * counts / n
+    quota = np.floor(exact).astype(np.int64)
+    left = int(n_val - quota.sum())
+    # Largest remainder first; a random key breaks ties so that no class is favoured by its index.
+    order = np.lexsort((rng.random(len(classes)), -(exact - quota)))
+    quota[order[:left]] += 1
+    rows = [rng.choice(np.flatnonzero(labels == c), size=int(q), replace=False)
+            for c, q in zip(classes, quota) if q]
+    return np.sort(np.concatenate(rows)).astype(np.int64)
+
+
+def split_validation(images: np.ndarray, labels: np.ndarray, n_val: int = VALIDATION_SIZE, rule: str = "first",
+                     seed: int = 0):
+    """((train images, labels), (validation images, labels)): the validation rows are
+    ``validation_indices(labels, n_val, rule, seed)``, the rest (in stored order) is trained on.
+    "first" returns views (a memory-mapped set stays on disk); "stratified" copies the training rows."""
+    val_rows = validation_indices(labels, n_val, rule, seed)
+    if rule == "first" or n_val == 0:
+        return (images[n_val:], labels[n_val:]), (images[:n_val], labels[:n_val])
+    keep = np.ones(len(labels), dtype=bool)
+    keep[val_rows] = False
+    return (images[keep], labels[keep]), (images[val_rows], labels[val_rows])
 
 
 def _missing(name: str, searched: list[Path], how: str) -> DatasetError:

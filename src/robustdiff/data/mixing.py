@@ -5,14 +5,25 @@ to draw exactly the batches an uninterrupted run would have drawn, on any number
 
 - Every global batch of size B holds `n_gen_per_batch = int(B·(1 − ratio))` generated images and
   `n_real_per_batch = B − n_gen_per_batch` real ones (`ratio` = fraction of real images).
-- Real images: epoch e reads a stream of fresh permutations of range(n_real), seeded by
-  (seed, e, k) for k = 0, 1, ...; batch `step` takes the next `n_real_per_batch` items. When one
-  permutation runs out the stream continues into the next, so every batch is full.
+- Real images: epoch e reads fresh permutations of range(n_real), seeded by (seed, e, k) for
+  k = 0, 1, ..., in chunks of `n_real_per_batch`. What happens where a permutation runs out
+  (only when an epoch needs more real images than n_real: no or few generated images) is `last_batch`:
+  - `reference` (the default, as the authors' sampler): the permutation's last chunk is short
+    (n_real mod n_real_per_batch images) and the next batch starts a fresh permutation. With generated
+    data that batch is topped up with generated images, so it is still full; without, it is short.
+    CIFAR-10, no generated data, B = 512: 95 × 512, 1 × 336, then 2 × 512 from the next permutation.
+  - `fill`: the stream continues into the next permutation, so every batch is full (98 × 512).
+  The two agree whenever n_real_per_batch divides n_real or an epoch never reaches a permutation's end
+  (the paper's generated-data recipes).
 - Generated images, `with_replacement` (the reference): uniform draws seeded by (seed, e, step).
   `permutation`: one permutation of the whole store per pass, seeded by (seed, pass), read in order
   across epoch boundaries, so every generated image is seen once per pass.
 - Under DDP each rank takes a disjoint, contiguous share of the global batch; the union over
-  ranks is exactly the global batch.
+  ranks is exactly the global batch. A short batch (no generated data) is split as evenly as possible
+  (sizes differ by at most one); every rank takes a step at every batch, so DDP never waits on a rank.
+  DDP averages the ranks' batch-mean losses, so where a short batch does not divide evenly its images
+  weigh very slightly unequally (one process would weigh them equally); a short batch smaller than the
+  number of processes is refused (use `fill`).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from collections.abc import Iterator
 import numpy as np
 
 GENERATED_SAMPLING = ("with_replacement", "permutation")
+LAST_BATCH = ("reference", "fill")
 
 # Distinct stream tags so real and generated draws never share a seed.
 _TAG_REAL = 0x5EA1
@@ -55,7 +67,8 @@ class MixedBatchPlan:
 
     n_real: real training images (after the validation split); n_generated: images in the store
     (0 = no generated data); batch_size: the GLOBAL batch B; ratio in [0, 1]: fraction of real images;
-    iterations_per_epoch: ceil(N_base / B), given by the caller; seed >= 0.
+    iterations_per_epoch: ceil(N_base / B), given by the caller; seed >= 0; last_batch: "reference"
+    or "fill" (see the module docstring).
     """
 
     def __init__(
@@ -67,6 +80,7 @@ class MixedBatchPlan:
         iterations_per_epoch: int,
         seed: int,
         generated_sampling: str = "with_replacement",
+        last_batch: str = "reference",
     ):
         for name, value in (("n_real", n_real), ("n_generated", n_generated)):
             if int(value) != value or value < 0:
@@ -88,6 +102,11 @@ class MixedBatchPlan:
             raise ValueError(
                 f"mixing: generated_sampling must be one of {GENERATED_SAMPLING}, got {generated_sampling!r}"
             )
+        if last_batch not in LAST_BATCH:
+            raise ValueError(
+                f"mixing: last_batch must be one of {LAST_BATCH} (reference: the authors' short or topped-up "
+                f"batch where a permutation of the real images ends; fill: continue into the next), got {last_batch!r}"
+            )
         self.n_real = int(n_real)
         self.n_generated = int(n_generated)
         self.batch_size = int(batch_size)
@@ -95,6 +114,7 @@ class MixedBatchPlan:
         self.iterations_per_epoch = int(iterations_per_epoch)
         self.seed = int(seed)
         self.generated_sampling = generated_sampling
+        self.last_batch = last_batch
 
         if self.n_generated > 0:
             self.n_gen_per_batch = generated_per_batch(self.batch_size, self.ratio)
@@ -111,6 +131,12 @@ class MixedBatchPlan:
                 f"mixing: each batch needs {self.n_real_per_batch} real images but n_real = 0 — "
                 f"use ratio = 0 (all generated) or provide real data"
             )
+        # last_batch=reference: each permutation of the real set gives `_chunks` batches, the last of them
+        # with `_short` real images (0: no short chunk) and, with generated data, `_top_up` extra generated.
+        r = self.n_real_per_batch
+        self._chunks = -(-self.n_real // r) if r else 0
+        self._short = self.n_real % r if (r and last_batch == "reference") else 0
+        self._top_up = (r - self._short) if (self._short and self.n_gen_per_batch) else 0
         self._real_cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._gen_cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
@@ -118,7 +144,7 @@ class MixedBatchPlan:
         return (
             f"MixedBatchPlan(B={self.batch_size}: {self.n_real_per_batch} real of {self.n_real} + "
             f"{self.n_gen_per_batch} generated of {self.n_generated} ({self.generated_sampling}), "
-            f"{self.iterations_per_epoch} it/epoch, seed={self.seed})"
+            f"{self.iterations_per_epoch} it/epoch, last_batch={self.last_batch}, seed={self.seed})"
         )
 
     def __getstate__(self) -> dict:
@@ -175,17 +201,36 @@ class MixedBatchPlan:
 
     # -- public ------------------------------------------------------------------------------
 
+    def step_counts(self, step: int) -> tuple[int, int]:
+        """(real, generated) images in global batch `step` of any epoch. (n_real_per_batch, n_gen_per_batch)
+        except, with last_batch=reference, at the end of a permutation of the real set: a short real chunk,
+        topped up with generated images when there are any."""
+        self._check(0, step)
+        if self._short and int(step) % self._chunks == self._chunks - 1:
+            return self._short, self.n_gen_per_batch + self._top_up
+        return self.n_real_per_batch, self.n_gen_per_batch
+
+    def smallest_batch(self) -> int:
+        """The smallest global batch of an epoch: batch_size, or a short batch (no generated data,
+        last_batch=reference, an epoch that reaches the end of a permutation)."""
+        if self._short and not self.n_gen_per_batch and self.iterations_per_epoch >= self._chunks:
+            return self._short
+        return self.batch_size
+
     def global_batch(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(real indices in [0, n_real), generated indices in [0, n_generated)), int64, of lengths
-        (n_real_per_batch, n_gen_per_batch), for batch `step` of epoch `epoch`."""
+        """(real indices in [0, n_real), generated indices in [0, n_generated)), int64, of the lengths
+        `step_counts(step)`, for batch `step` of epoch `epoch`."""
         self._check(epoch, step)
         epoch, step = int(epoch), int(step)
         r = self.n_real_per_batch
-        if r:
-            real = self._take(lambda k: self._real_perm(epoch, k), self.n_real, step * r, r)
-        else:
+        n_real, g = self.step_counts(step)
+        if r == 0:
             real = np.empty(0, dtype=np.int64)
-        g = self.n_gen_per_batch
+        elif self.last_batch == "reference":
+            k, chunk = divmod(step, self._chunks)
+            real = self._real_perm(epoch, k)[chunk * r : chunk * r + n_real].astype(np.int64)
+        else:
+            real = self._take(lambda k: self._real_perm(epoch, k), self.n_real, step * r, r)
         if g == 0:
             gen = np.empty(0, dtype=np.int64)
         elif self.generated_sampling == "with_replacement":
@@ -193,12 +238,18 @@ class MixedBatchPlan:
                 0, self.n_generated, size=g, dtype=np.int64
             )
         else:
-            start = (epoch * self.iterations_per_epoch + step) * g
+            # Generated images before this batch: n_gen_per_batch per batch plus the top-ups of the short
+            # chunks so far (batch c−1, 2c−1, ... of each epoch, c = batches per permutation).
+            start = (epoch * self.iterations_per_epoch + step) * self.n_gen_per_batch
+            if self._top_up:
+                start += self._top_up * (epoch * (self.iterations_per_epoch // self._chunks) + step // self._chunks)
             gen = self._take(self._gen_perm, self.n_generated, start, g)
         return real, gen
 
-    def rank_counts(self, rank: int, world_size: int) -> tuple[int, int]:
-        """(real, generated) images of `rank`'s share; their sum is batch_size / world_size."""
+    def rank_counts(self, rank: int, world_size: int, step: int | None = None) -> tuple[int, int]:
+        """(real, generated) images of `rank`'s share of global batch `step` (None: a full batch). Shares
+        differ by at most one image in size and in generated count; a full batch gives batch_size / world_size
+        to every rank."""
         if int(world_size) != world_size or world_size < 1:
             raise ValueError(f"mixing: world_size must be an integer >= 1, got {world_size!r}")
         if int(rank) != rank or not (0 <= rank < world_size):
@@ -208,21 +259,34 @@ class MixedBatchPlan:
                 f"mixing: the global batch_size {self.batch_size} is not divisible by world_size "
                 f"{world_size} — choose a batch size that is a multiple of the number of processes"
             )
-        per_rank = self.batch_size // world_size
-        g, w = self.n_gen_per_batch, world_size
+        smallest = self.smallest_batch()
+        if smallest < world_size:
+            raise ValueError(
+                f"mixing: batch {self._chunks - 1} of every epoch holds only {smallest} real images (last_batch="
+                f"reference: the end of a permutation of the {self.n_real} real images, as the reference) and "
+                f"cannot give each of the {world_size} processes one — use last_batch=fill, or a batch_size with "
+                f"{self.n_real} mod batch_size >= {world_size}"
+            )
+        real, g = (self.n_real_per_batch, self.n_gen_per_batch) if step is None else self.step_counts(step)
+        total, w = real + g, world_size
+        size = total // w + (rank < total % w)
         gen = g // w + (rank < g % w)
-        return per_rank - gen, gen
+        return size - gen, gen
 
     def rank_batch(self, epoch: int, step: int, rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
         """This rank's disjoint share of `global_batch(epoch, step)`: contiguous slices of its real
         and generated parts, so the union over ranks is the global batch exactly."""
-        self.rank_counts(rank, world_size)  # validates rank and world_size
-        counts = [self.rank_counts(q, world_size) for q in range(world_size)]
+        real_start, gen_start, n_real, n_gen = self.rank_slices(step, rank, world_size)
         real, gen = self.global_batch(epoch, step)
+        return real[real_start : real_start + n_real], gen[gen_start : gen_start + n_gen]
+
+    def rank_slices(self, step: int, rank: int, world_size: int) -> tuple[int, int, int, int]:
+        """(real start, generated start, real count, generated count) of `rank`'s share of batch `step`."""
+        self.rank_counts(rank, world_size, step)  # validates rank, world_size and step
+        counts = [self.rank_counts(q, world_size, step) for q in range(world_size)]
         real_start = sum(c[0] for c in counts[:rank])
         gen_start = sum(c[1] for c in counts[:rank])
-        n_real, n_gen = counts[rank]
-        return real[real_start : real_start + n_real], gen[gen_start : gen_start + n_gen]
+        return real_start, gen_start, *counts[rank]
 
     def epoch_batches(
         self, epoch: int, start_step: int = 0, rank: int = 0, world_size: int = 1

@@ -440,8 +440,10 @@ def _train_edm(cfg: DictConfig, run_dir: Path, desc: dict[str, Any]) -> dict[str
         return summary
 
     e = cfg.edm
+    # last_batch=fill: every batch full, a continuous stream of permutations like EDM's infinite sampler (images
+    # are counted as steps × batch_size).
     dm = RobustDataModule(desc["dataset"], e.batch_size, data_dir=cfg.data_dir, download=cfg.download,
-                          seed=cfg.seed, limit_train=cfg.limit_train, val_size=0)
+                          seed=cfg.seed, limit_train=cfg.limit_train, val_size=0, last_batch="fill")
     dm.setup("fit")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights
     module = EDMTraining(desc["kwargs"], batch_size=e.batch_size, lr=desc["lr"], lr_rampup_kimg=desc["lr_rampup_kimg"],

@@ -163,6 +163,13 @@ def validate(cfg: DictConfig) -> AttackConfig:
     need(0 <= float(cfg.ratio) <= 1, f"ratio={cfg.ratio} is the real fraction of each batch and must be in [0, 1]")
     need(number("weight_decay") >= 0, f"weight_decay={cfg.weight_decay} must be >= 0")
     integer("val_size", 1)
+    need(cfg.get("val_split") in (None, "first", "stratified"), f"val_split={cfg.get('val_split')!r}: choose first "
+         "(the first val_size training images, the reference), stratified (a seeded sample of every class) or null "
+         "(the dataset's rule: stratified for class-sorted sets such as tinyimagenet, first otherwise)")
+    integer("val_seed", 0)
+    need(cfg.get("last_batch", "reference") in ("reference", "fill"), f"last_batch={cfg.get('last_batch')!r}: "
+         "choose reference (a short batch where a permutation of the real images ends, topped up with generated "
+         "images when there are any) or fill (every batch full, continuing into the next permutation)")
     need(cfg.limit_train is None or (isinstance(cfg.limit_train, int) and cfg.limit_train > cfg.val_size + 1),
          f"limit_train={cfg.limit_train!r} must leave training images after the {cfg.val_size} validation images")
     n_real = min(cfg.limit_train or info.n_train, info.n_train) - cfg.val_size
@@ -200,6 +207,7 @@ def describe(cfg: DictConfig, attack: AttackConfig, n_generated: int) -> dict[st
         "ratio": float(cfg.ratio) if cfg.generated else 1.0, "generated_sampling": cfg.generated_sampling,
         "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": float(cfg.lr), "beta": float(cfg.beta),
         "seed": cfg.seed, "limit_train": cfg.limit_train, "val_size": cfg.val_size,
+        "last_batch": cfg.get("last_batch", "reference"),
         "eval": {"steps": int(cfg.eval.steps), "val_loss": cfg.eval.val_loss, "test_loss": cfg.eval.test_loss,
                  "select": cfg.eval.get("select", "pgd")},
         "precision": str(cfg.precision),
@@ -296,6 +304,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
         info.name, cfg.batch_size, data_dir=cfg.data_dir, download=cfg.download, generated=cfg.generated,
         ratio=float(cfg.ratio), generated_sampling=cfg.generated_sampling, seed=cfg.seed,
         limit_train=cfg.limit_train, limit_test=cfg.limit_test, val_size=cfg.val_size,
+        val_split=cfg.get("val_split"), val_seed=int(cfg.get("val_seed", 0)),
+        last_batch=cfg.get("last_batch", "reference"),
     )
     store = dm.open_store()  # shape/class checks before anything long
     # One process per run directory for the life of the job (DDP ranks started for it don't take it).
@@ -341,6 +351,7 @@ def _train(cfg: DictConfig, run_dir: Path, attack: AttackConfig, info, dm: Robus
         channels_last=bool(cfg.channels_last), compile=cfg.get("compile", False),
     )
     module.set_eval_data(dm.val, dm.test)
+    desc["val_split"] = dm.val_split_info  # rule, seed, size and classes covered of the validation images
     checkpoint = RunCheckpoint(run_dir, interrupt_after_steps=cfg.get("interrupt_after_steps"))
     trainer = make_trainer(cfg, run_dir, [checkpoint], max_epochs=cfg.epochs)
     write_run_files(trainer, run_dir, desc, cfg)
