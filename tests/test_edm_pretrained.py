@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from robustdiff.diffusion.edm import EDMPrecond
+from robustdiff.diffusion.edm import EDMPrecond, VPPrecond
 from robustdiff.diffusion.pretrained import PretrainedError, load_edm_pickle, read_edm_pickle
 
 UNET_KWARGS = dict(augment_dim=9, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
@@ -88,7 +88,7 @@ def _shadow(module: torch.nn.Module, reconstruct, src, init_kwargs: dict):
     state.pop("_forward_hooks_always_called", None)  # torch-version noise; NVIDIA files predate it
     state["_init_args"] = ()
     state["_init_kwargs"] = init_kwargs.get(type(module).__name__, {})
-    if type(module).__name__ == "EDMPrecond":
+    if type(module).__name__ in ("EDMPrecond", "VPPrecond"):
         state["use_fp16"] = False
     if type(module).__name__ == "UNetBlock":  # NVIDIA's hold numpy scalars here (np.sqrt)
         state["skip_scale"] = np.sqrt(0.5)
@@ -96,15 +96,18 @@ def _shadow(module: torch.nn.Module, reconstruct, src, init_kwargs: dict):
     return _Persistent(reconstruct, src, type(module).__name__, state)
 
 
-def _write_nvidia_style_pickle(path, net: EDMPrecond, persistence_module, marker) -> str:
+def _write_nvidia_style_pickle(path, net: EDMPrecond | VPPrecond, persistence_module, marker,
+                               src: str | None = None) -> str:
+    """Write ``net`` as NVIDIA's training snapshot .pkl; every persistent class embeds ``src`` (default: a
+    module that writes ``marker`` when run). Returns the embedded source."""
     names = {type(m).__name__ for m in net.modules() if not isinstance(m, torch.nn.ModuleDict)}
-    src = _module_src(marker, names)
+    src = _module_src(marker, names) if src is None else src
     rec = persistence_module._reconstruct_persistent_obj
     unet_init = dict(img_resolution=8, in_channels=1, out_channels=1, label_dim=10, **UNET_KWARGS)
     precond_init = dict(img_resolution=8, img_channels=1, label_dim=10, use_fp16=False, model_type="SongUNet",
                         **UNET_KWARGS)
     data = dict(
-        ema=_shadow(net, rec, src, {"SongUNet": unet_init, "EDMPrecond": precond_init}),
+        ema=_shadow(net, rec, src, {"SongUNet": unet_init, type(net).__name__: precond_init}),
         loss_fn=_Persistent(rec, src, "EDMLoss", dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5)),
         augment_pipe=_Persistent(rec, src, "AugmentPipe", dict(p=0.12, xflip=1e8, yflip=1.0)),
         dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", resolution=8, use_labels=True),
@@ -176,3 +179,23 @@ def test_non_edm_content_is_rejected(tmp_path):
         load_edm_pickle(zipped)
     with pytest.raises(PretrainedError, match="no such file"):
         load_edm_pickle(tmp_path / "missing.pkl")
+
+
+def test_vp_pickle_sigma_range_is_read_from_the_pickle(tmp_path, persistence):
+    """NVIDIA's VPPrecond computes σ_min = σ(1e-5) in float32 (0.0009765625) and the pickle stores it; the
+    loader takes the stored σ_min/σ_max instead of recomputing them."""
+    module, marker = persistence
+    torch.manual_seed(0)
+    net = VPPrecond(img_resolution=8, img_channels=1, label_dim=10, **UNET_KWARGS).eval()
+    assert net.sigma_min == 0.0009765625  # float32, as NVIDIA's constructor (float64 gives 0.0010004976)
+    assert net.sigma_max == pytest.approx(152.16698, abs=1e-4)
+    # Stored values that no recomputation gives: they must come through unchanged.
+    net.sigma_min, net.sigma_max = 0.00123, 99.5
+    path = tmp_path / "baseline-vp.pkl"
+    _write_nvidia_style_pickle(path, net, module, marker)
+    loaded, info = load_edm_pickle(path)
+    assert isinstance(loaded, VPPrecond) and not marker.exists()
+    assert (loaded.sigma_min, loaded.sigma_max) == (0.00123, 99.5)
+    assert (info["sigma_min"], info["sigma_max"]) == (0.00123, 99.5)
+    x, sigma, labels = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 4.0]), torch.tensor([1, 7])
+    assert torch.equal(net(x, sigma, labels), loaded(x, sigma, labels))

@@ -224,6 +224,7 @@ def load_edm_pickle(path: str | os.PathLike, device: torch.device | str = "cpu")
     """Load the ``ema`` network of an NVIDIA EDM ``.pkl`` into our EDMPrecond/VPPrecond + SongUNet.
 
     Returns (net in eval mode on ``device``, info dict with 'precond', 'precond_kwargs', 'unet_kwargs',
+    'sigma_min', 'sigma_max' (the network's σ range: for a VPPrecond the values stored in the pickle),
     'module_src_sha256' {class name: hash}, 'augment_pipe' (its saved settings or None), 'dataset_kwargs').
     Raises PretrainedError for unsafe content, non-EDM content, or a strict-load mismatch.
     """
@@ -274,6 +275,14 @@ def load_edm_pickle(path: str | os.PathLike, device: torch.device | str = "cpu")
         net = precond_cls(**precond_kwargs, **rest)
     except (TypeError, ValueError) as exc:
         raise PretrainedError(f"{source}: cannot build the network from its saved kwargs: {exc}") from exc
+    if precond_cls is VPPrecond:
+        # The pickled σ range is what NVIDIA's sampler clamps to; take it as saved rather than recomputing it.
+        for key in ("sigma_min", "sigma_max"):
+            if key in s:
+                try:
+                    setattr(net, key, float(s[key]))
+                except (TypeError, ValueError):
+                    raise PretrainedError(f"{source}: VPPrecond.{key} is {s[key]!r}, not a number") from None
     state_dict = _state_dict(ema, source)
     try:
         net.load_state_dict(state_dict, strict=True)
@@ -294,6 +303,8 @@ def load_edm_pickle(path: str | os.PathLike, device: torch.device | str = "cpu")
     info = dict(
         precond=ema.class_name,
         precond_kwargs=precond_kwargs,
+        sigma_min=float(net.sigma_min),
+        sigma_max=float(net.sigma_max),
         unet_kwargs=unet_kwargs,
         module_src_sha256=records,
         augment_pipe=dict(augment.state) if isinstance(augment, ModuleRecord) else None,
