@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from robustdiff.diffusion.edm import EDMPrecond
+from robustdiff.diffusion.sampler import edm_sampler, sample_images
 from robustdiff.models.unet import UNetBlock
 
 # ----------------------------------------------------------------------------- reference U-Net block
@@ -103,3 +106,97 @@ def test_attention_gradients_flow_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         block(x, emb).float().square().sum().backward()
     assert torch.isfinite(x.grad).all() and block.qkv.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- sampler: NVIDIA's seeding
+
+TINY = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
+# 4 steps: σ = 80, 9.7, 0.47, 0.002. S_min/S_max leave the first and last steps without churn.
+CHURN = dict(num_steps=4, S_churn=8.0, S_min=0.1, S_max=20.0, S_noise=1.007)
+
+
+def _tiny_net() -> EDMPrecond:
+    torch.manual_seed(0)
+    return EDMPrecond(img_resolution=8, img_channels=1, label_dim=10, **TINY).eval()
+
+
+def _reference_heun(net, latents, class_labels, randn_like, num_steps, S_churn, S_min, S_max, S_noise,
+                    sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """EDM Algorithm 2 as NVIDIA's generate.py runs it: the churn noise is drawn and added on every step,
+    with weight sqrt(t_hat² − t_cur²) (zero where the step does not churn)."""
+    i = torch.arange(num_steps, dtype=torch.float64)
+    t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+    x = latents.to(torch.float64) * t[0]
+    for n in range(num_steps):
+        t_cur, t_next = t[n], t[n + 1]
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = t_cur + gamma * t_cur
+        x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x)
+        d = (x_hat - net(x_hat, t_hat, class_labels).to(torch.float64)) / t_hat
+        x = x_hat + (t_next - t_hat) * d
+        if n < num_steps - 1:
+            d2 = (x - net(x, t_next, class_labels).to(torch.float64)) / t_next
+            x = x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d2)
+    return x
+
+
+def _reference_generate(net, seeds, max_batch, **kw):
+    """NVIDIA's generate.py, written from its description: seeds split into batches; per-image generators
+    seeded with seed mod 2³²; latents, then random one-hot labels, then churn noise from the same generators."""
+    images, labels = [], []
+    for batch in torch.as_tensor(seeds).tensor_split((len(seeds) - 1) // max_batch + 1):
+        gens = [torch.Generator().manual_seed(int(s) % (1 << 32)) for s in batch]
+        latents = torch.stack([torch.randn([net.img_channels, net.img_resolution, net.img_resolution], generator=g)
+                               for g in gens])
+        idx = torch.stack([torch.randint(net.label_dim, size=[], generator=g) for g in gens])
+        one_hot = torch.eye(net.label_dim)[idx]
+
+        def randn_like(x, gens=gens):
+            return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in gens])
+
+        x = _reference_heun(net, latents, one_hot, randn_like, **kw)
+        images.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        labels.append(idx.numpy())
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def test_nvidia_seeding_reproduces_generate_py_seed_for_seed():
+    net = _tiny_net()
+    ref_images, ref_labels = _reference_generate(net, list(range(6)), max_batch=6, **CHURN)
+    images, labels = sample_images(net, range(6), 10, seed=0, batch_size=6, seeding="nvidia", **CHURN)
+    assert np.array_equal(labels, ref_labels) and len(set(labels.tolist())) > 1
+    assert np.array_equal(images, ref_images)
+    # Seeds are seed + index: a later range continues the same seed list (in other batches: float32
+    # kernels may round differently, as between NVIDIA runs with different --batch).
+    tail, tail_labels = sample_images(net, range(3), 10, seed=3, batch_size=3, seeding="nvidia", **CHURN)
+    assert np.array_equal(tail_labels, ref_labels[3:])
+    assert (np.abs(tail.astype(int) - ref_images[3:].astype(int)) <= 1).all()
+
+
+def test_churn_noise_every_step_differs_from_churned_steps_only():
+    """With S_min/S_max excluding a step, drawing only on churned steps shifts the stream (the old behaviour)."""
+    net = _tiny_net()
+    latents = torch.randn(2, 1, 8, 8)
+    labels = torch.tensor([3, 4])
+
+    def run(every):
+        gen = torch.Generator().manual_seed(7)
+        return edm_sampler(net, latents, labels, randn_like=lambda x: torch.randn(x.shape, generator=gen,
+                                                                                 dtype=x.dtype),
+                           noise_every_step=every, **CHURN)
+
+    assert (run(True) - run(False)).abs().max() > 1e-2
+
+
+def test_default_seeding_with_churn_window_is_batch_invariant_and_balanced():
+    net = _tiny_net()
+    a, la = sample_images(net, range(6), 10, seed=3, batch_size=3, **CHURN)
+    b, lb = sample_images(net, range(6), 10, seed=3, batch_size=6, **CHURN)
+    assert np.array_equal(la, np.arange(6)) and np.array_equal(la, lb)
+    assert (np.abs(a.astype(int) - b.astype(int)) <= 1).all()
+
+
+def test_unknown_seeding_is_refused():
+    with pytest.raises(ValueError, match="seeding 'numpy'"):
+        sample_images(_tiny_net(), range(2), 10, seed=0, seeding="numpy")
