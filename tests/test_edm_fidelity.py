@@ -15,6 +15,8 @@ from robustdiff.diffusion.edm import EDMPrecond
 from robustdiff.diffusion.sampler import edm_sampler, sample_images
 from robustdiff.models.unet import UNetBlock
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # ----------------------------------------------------------------------------- reference U-Net block
 
 
