@@ -76,6 +76,31 @@ def test_store_is_balanced_with_provenance(network, tmp_path):
     assert store_bytes(tmp_path / "s") == before
 
 
+def test_nvidia_seeding_store_records_seeding_and_real_class_counts(network, tmp_path, capsys):
+    """seeding=nvidia: image i is NVIDIA generate.py's image for seed i, with the label that seed draws; the
+    store is not balanced, and the manifest says how it was seeded and how many images each class has."""
+    manifest = generate(config(network, tmp_path / "nv", "seeding=nvidia", "n=23"))  # any n: no balance
+    prov = manifest["provenance"]
+    assert prov["seeding"] == "nvidia" and "generate.py" in prov["seeds"]
+    store = GeneratedStore(tmp_path / "nv")
+    images, labels = store.get(np.arange(23))
+    assert manifest["class_counts"] == np.bincount(labels, minlength=10).tolist()
+    assert len(set(manifest["class_counts"])) > 1  # random labels
+    assert "per class [" in capsys.readouterr().out
+    from robustdiff.training.diffusion import load_network
+
+    net, _ = load_network(network)
+    ref, ref_labels = sample_images(net, [5, 17], 10, seed=0, num_steps=3, batch_size=2, seeding="nvidia")
+    np.testing.assert_array_equal(ref_labels, labels[[5, 17]])
+    np.testing.assert_array_equal(ref, images[[5, 17]])
+    # The default store's provenance is unchanged by the option (stores begun earlier still resume).
+    assert "seeding" not in generate(config(network, tmp_path / "default"))["provenance"]
+    with pytest.raises(GenerationError, match="seeding=nvidia.*random labels"):
+        generate(config(network, tmp_path / "x", "seeding=nvidia", "classifier=somewhere", "keep_fraction=0.5"))
+    with pytest.raises(GenerationError, match="seeding='numpy'"):
+        generate(config(network, tmp_path / "x", "seeding=numpy"))
+
+
 def test_interrupted_run_finishes_byte_identical(network, tmp_path):
     generate(config(network, tmp_path / "straight"))
     assert generate(config(network, tmp_path / "resumed", "stop_after_shards=1")) is None

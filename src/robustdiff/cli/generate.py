@@ -12,6 +12,11 @@ shards, write them atomically, and rank 0 assembles the manifest at the end. An 
 its finished shards: rerunning the same command writes only the missing ones, and the result is the
 same bytes as an uninterrupted run (the batches of a shard are the same either way).
 
+``seeding=nvidia`` instead reproduces NVIDIA's ``generate.py --seeds=<seed>-<seed+N−1>`` image for image
+(``robustdiff.diffusion.sampler``): image i comes from seed ``seed + i`` on the sampling device, with the class
+label that seed draws — so the store is not class-balanced (any N; the manifest's ``class_counts`` are the
+real counts and its provenance records ``seeding``), and classifier filtering is not available with it.
+
 Filtering (the paper's 1M CIFAR sets): with ``classifier=`` and ``keep_fraction=f`` we first generate
 M = ceil(N / f) candidates, rounded up to a multiple of K, into ``candidates`` (default ``<out>-candidates``,
 kept afterwards), score each by the classifier's softmax probability of its generating class, and
@@ -51,6 +56,7 @@ from ..data.store import (
     open_block_store,
     write_block,
 )
+from ..diffusion.sampler import SEEDINGS
 from ..utils.hardware import COMPILE_CHOICES, COMPILE_MODES
 from ..utils.io import atomic_path, file_sha256
 from .train import CONF_DIR
@@ -131,9 +137,16 @@ def load_classifier(path: str | os.PathLike, dataset: str | None, num_classes: i
 def plan(cfg: dict, num_classes: int) -> dict[str, Any]:
     """Counts and paths of the job (checks that must fail before any work)."""
     n, keep = cfg["n"], cfg["keep_fraction"]
+    seeding = cfg.get("seeding", "robustdiff")
+    if seeding not in SEEDINGS:
+        raise GenerationError(f"seeding={seeding!r}: choose robustdiff (class-balanced, the default) or nvidia "
+                              f"(NVIDIA generate.py's images and random labels for seeds seed..seed+n-1)")
     if not isinstance(n, int) or n < 1:
         raise GenerationError(f"n={n!r} must be a positive integer")
-    if n % num_classes:
+    if seeding == "nvidia" and cfg["classifier"] is not None:
+        raise GenerationError(f"classifier={cfg['classifier']} with seeding=nvidia: filtering keeps n/K images per "
+                              f"class, but NVIDIA's seeding draws random labels — use seeding=robustdiff to filter")
+    if n % num_classes and seeding == "robustdiff":
         lo, hi = n - n % num_classes, n + num_classes - n % num_classes
         raise GenerationError(f"n={n} is not a multiple of the network's {num_classes} classes, so the classes "
                               f"cannot be exactly balanced — use n={lo or hi} or n={hi}")
@@ -170,8 +183,18 @@ def provenance(cfg: dict, net, net_format: str, sha256: str, count: int) -> dict
                     "S_max": s["S_max"], "S_noise": s["S_noise"], "precision": cfg["precision"]},
         "seed": cfg["seed"],
         "n": count,
-        "seeds": "image i: torch.Generator seeded with splitmix64(splitmix64(seed) ^ i); label i % num_classes",
+        **_seeding_provenance(cfg.get("seeding", "robustdiff")),
     }
+
+
+def _seeding_provenance(seeding: str) -> dict[str, str]:
+    if seeding == "nvidia":
+        return {"seeding": "nvidia",
+                "seeds": "image i: NVIDIA generate.py with seed (seed + i) mod 2**32 (a torch.Generator on the "
+                         "sampling device): latents, then label randint(num_classes), then churn noise every step"}
+    # The default scheme is recorded by its description alone, as before the seeding option existed, so that
+    # stores begun earlier keep the same provenance and still resume.
+    return {"seeds": "image i: torch.Generator seeded with splitmix64(splitmix64(seed) ^ i); label i % num_classes"}
 
 
 def _same_generation(path: Path, prov: dict) -> dict:
@@ -330,7 +353,8 @@ def run_generation(fabric, cfg: dict) -> dict | None:
                     for s in range(a, z, cfg["batch_size"]):  # batches aligned to the shard: same bytes on resume
                         x, y = sample_images(net, range(s, min(s + cfg["batch_size"], z)), K, seed=cfg["seed"],
                                              num_steps=cfg["steps"], batch_size=cfg["batch_size"], device=device,
-                                             autocast_dtype=autocast, **sampler_kwargs)
+                                             autocast_dtype=autocast, seeding=cfg.get("seeding", "robustdiff"),
+                                             **sampler_kwargs)
                         parts.append(x)
                         label_parts.append(y)
                         bar.update(len(y))
@@ -360,7 +384,10 @@ def run_generation(fabric, cfg: dict) -> dict | None:
     manifest = assemble_block_store(target)
     if job["filter"]:
         manifest = select_confident(target, Path(cfg["out"]), cfg, cfg["n"], K)
-    print(f"robustdiff-generate: {cfg['out']}: {manifest['count']} images, {manifest['count'] // K} per class")
+    counts = manifest["class_counts"]
+    per_class = (f"{counts[0]} per class" if len(set(counts)) == 1
+                 else f"per class {counts} (seeding={cfg.get('seeding')}: NVIDIA's random labels)")
+    print(f"robustdiff-generate: {cfg['out']}: {manifest['count']} images, {per_class}")
     return manifest
 
 

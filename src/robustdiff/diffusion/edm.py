@@ -133,7 +133,10 @@ class EDMPrecond(_Precond):
 class VPPrecond(_Precond):
     """Variance-preserving preconditioning (Song et al. 2021 as written in EDM Table 1), for loading the
     'baseline-*-vp' checkpoints. σ(t) = sqrt(exp(β_d t²/2 + β_min t) − 1); c_skip = 1, c_out = −σ,
-    c_in = 1/sqrt(σ² + 1), c_noise = (M − 1)·σ⁻¹(σ). Not used for training here (edm_loss is EDM's)."""
+    c_in = 1/sqrt(σ² + 1), c_noise = (M − 1)·σ⁻¹(σ). Not used for training here (edm_loss is EDM's).
+
+    ``sigma_min``/``sigma_max`` are σ(ε_t) and σ(1) in float32 (NVIDIA's values); the ``.pkl`` loader
+    replaces them with the values stored in the pickle."""
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, beta_d: float = 19.9,
                  beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5, **unet_kwargs):
@@ -151,7 +154,9 @@ class VPPrecond(_Precond):
                               label_dim=label_dim, **unet_kwargs)
 
     def sigma(self, t):
-        t = torch.as_tensor(t, dtype=torch.float64)
+        """σ(t). A Python number is computed in float32, as NVIDIA's code does (σ_min = σ(ε_t) = 0.0009765625,
+        not the float64 0.0010004976); a tensor keeps its dtype."""
+        t = torch.as_tensor(t)
         return ((0.5 * self.beta_d * t ** 2 + self.beta_min * t).exp() - 1).sqrt()
 
     def sigma_inv(self, sigma):

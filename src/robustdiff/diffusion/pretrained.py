@@ -20,7 +20,8 @@ What we do instead: a ``pickle.Unpickler`` whose ``find_class`` resolves only th
 * numpy scalar and dtype reconstruction (``numpy[._]core.multiarray.scalar``, ``numpy.dtype``;
   object dtypes refused),
 * ``torch_utils.persistence._reconstruct_persistent_obj`` → a function returning a ``ModuleRecord``
-  (class name, SHA-256 of the embedded source — never executed — and the saved ``__dict__``),
+  (class name, SHA-256 of the embedded source — never executed — and the saved ``__dict__``); a source
+  whose hash is not in ``KNOWN_MODULE_SOURCES`` (NVIDIA's released files) raises an ``UnknownSourceWarning``,
 * ``torch.nn.modules.container.ModuleDict`` and ``dnnlib.util.EasyDict`` → inert stand-ins,
 
 and refuses every other global with a ``PretrainedError`` that names the file and the global. From the
@@ -46,11 +47,39 @@ import torch
 from robustdiff.diffusion.edm import EDMPrecond, VPPrecond
 from robustdiff.models.unet import SongUNet
 
-__all__ = ["ALLOWED_GLOBALS", "ModuleRecord", "PretrainedError", "load_edm_pickle", "read_edm_pickle"]
+__all__ = ["ALLOWED_GLOBALS", "KNOWN_MODULE_SOURCES", "ModuleRecord", "PretrainedError", "UnknownSourceWarning",
+           "load_edm_pickle", "read_edm_pickle"]
 
 
 class PretrainedError(RuntimeError):
     """A pretrained checkpoint could not be loaded safely or is not an EDM SongUNet network pickle."""
+
+
+class UnknownSourceWarning(UserWarning):
+    """A pickle's persistent class embeds module source that is not one of NVIDIA's released EDM sources."""
+
+
+# SHA-256 of the module source that NVIDIA's torch_utils.persistence embeds in a pickle for each persistent
+# class: ``inspect.getsource(module)``, i.e. the whole text of the defining file (UTF-8; these files are
+# LF-only, so the hash equals that of the file's bytes). Computed from the git history of NVlabs/edm:
+_NETWORKS_PY = frozenset({
+    # training/networks.py at 0a2ff34f0b80 ("Initial commit", 2022-10-31)
+    "2294828d5f59f5fd008f7141e6b8af2095918f2ce019f280a933e4779b5c3cef",
+    # training/networks.py at b2a26c921c57 ("Fix to #2", 2022-11-21); unchanged up to 008a4e5316c8 (2024-03-16)
+    "5db27dcd96674b95c72d5e6491b879cdc35e24039ada3411b4b46a28ed1fe284",
+})
+# training/loss.py and training/augment.py at 0a2ff34f0b80; unchanged up to 008a4e5316c8.
+_LOSS_PY = frozenset({"b26f0937bc72b18cc5f9869c86035ca9b872138cdfae7994237e9733951e4415"})
+_AUGMENT_PY = frozenset({"fd411af7c2d74489ce11a245293047369fc044d00a9aeed1c0bd46b322c8a8b5"})
+# Class name → known hashes of its embedded source. A file whose source is not listed still loads (its
+# code is never run) but warns: it is not the released code, so it may not be the checkpoint it claims.
+KNOWN_MODULE_SOURCES: dict[str, frozenset[str]] = {
+    **dict.fromkeys(["Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding", "FourierEmbedding",
+                     "SongUNet", "DhariwalUNet", "VPPrecond", "VEPrecond", "iDDPMPrecond", "EDMPrecond"],
+                    _NETWORKS_PY),
+    **dict.fromkeys(["VPLoss", "VELoss", "EDMLoss"], _LOSS_PY),
+    "AugmentPipe": _AUGMENT_PY,
+}
 
 
 class ModuleRecord:
@@ -220,11 +249,32 @@ def _state_dict(record: ModuleRecord, source: str, prefix: str = "") -> dict[str
 _UNET_KWARGS = set(inspect.signature(SongUNet.__init__).parameters) - {"self"}
 
 
+def _warn_unknown_sources(source: str, sources: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Warn (``UnknownSourceWarning``) once per embedded source that is not a known NVIDIA release, naming
+    the classes that carry it. ``sources``: {class name: hashes}. Returns {hash: class names} of the unknown."""
+    unknown: dict[str, list[str]] = {}
+    for name in sorted(sources):
+        for digest in sorted(sources[name]):
+            if digest not in KNOWN_MODULE_SOURCES.get(name, ()):
+                unknown.setdefault(digest, []).append(name)
+    for digest, names in unknown.items():
+        warnings.warn(
+            f"{source}: the source code embedded for class{'es' if len(names) > 1 else ''} {', '.join(names)} "
+            f"(sha256 {digest}) is not one of NVIDIA's released EDM sources (training/networks.py, loss.py, "
+            f"augment.py of NVlabs/edm). It was not run and only the weights were loaded, but the file may not be "
+            f"the checkpoint it claims to be: check where it came from. If it is a build you trust, add the hash to "
+            f"robustdiff.diffusion.pretrained.KNOWN_MODULE_SOURCES.", UnknownSourceWarning, stacklevel=3)
+    return unknown
+
+
 def load_edm_pickle(path: str | os.PathLike, device: torch.device | str = "cpu"):
     """Load the ``ema`` network of an NVIDIA EDM ``.pkl`` into our EDMPrecond/VPPrecond + SongUNet.
 
     Returns (net in eval mode on ``device``, info dict with 'precond', 'precond_kwargs', 'unet_kwargs',
-    'module_src_sha256' {class name: hash}, 'augment_pipe' (its saved settings or None), 'dataset_kwargs').
+    'sigma_min', 'sigma_max' (the network's σ range: for a VPPrecond the values stored in the pickle),
+    'module_src_sha256' {class name: hash} of the ema network's classes, 'unknown_sources' {hash: class names}
+    for embedded sources not in ``KNOWN_MODULE_SOURCES`` (each also raises an ``UnknownSourceWarning``),
+    'augment_pipe' (its saved settings or None), 'dataset_kwargs').
     Raises PretrainedError for unsafe content, non-EDM content, or a strict-load mismatch.
     """
     source = os.fspath(path)
@@ -274,28 +324,44 @@ def load_edm_pickle(path: str | os.PathLike, device: torch.device | str = "cpu")
         net = precond_cls(**precond_kwargs, **rest)
     except (TypeError, ValueError) as exc:
         raise PretrainedError(f"{source}: cannot build the network from its saved kwargs: {exc}") from exc
+    if precond_cls is VPPrecond:
+        # The pickled σ range is what NVIDIA's sampler clamps to; take it as saved rather than recomputing it.
+        for key in ("sigma_min", "sigma_max"):
+            if key in s:
+                try:
+                    setattr(net, key, float(s[key]))
+                except (TypeError, ValueError):
+                    raise PretrainedError(f"{source}: VPPrecond.{key} is {s[key]!r}, not a number") from None
     state_dict = _state_dict(ema, source)
     try:
         net.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
         raise PretrainedError(f"{source}: weights do not match the rebuilt network: {exc}") from exc
 
-    records = {}
-
-    def collect(rec: ModuleRecord):
+    def collect(rec: ModuleRecord, into: dict[str, set[str]]):
         if rec.module_src_sha256:
-            records[rec.class_name] = rec.module_src_sha256
+            into.setdefault(rec.class_name, set()).add(rec.module_src_sha256)
         for child in rec.state.get("_modules", {}).values():
             if isinstance(child, ModuleRecord):
-                collect(child)
+                collect(child, into)
 
-    collect(ema)
+    ema_sources: dict[str, set[str]] = {}
+    collect(ema, ema_sources)
+    records = {name: min(hashes) for name, hashes in ema_sources.items()}
+    all_sources: dict[str, set[str]] = {}
+    for value in top.values():
+        if isinstance(value, ModuleRecord):
+            collect(value, all_sources)
+    unknown = _warn_unknown_sources(source, all_sources)
     augment = top.get("augment_pipe")
     info = dict(
         precond=ema.class_name,
         precond_kwargs=precond_kwargs,
+        sigma_min=float(net.sigma_min),
+        sigma_max=float(net.sigma_max),
         unet_kwargs=unet_kwargs,
         module_src_sha256=records,
+        unknown_sources=unknown,
         augment_pipe=dict(augment.state) if isinstance(augment, ModuleRecord) else None,
         dataset_kwargs=dict(top["dataset_kwargs"]) if isinstance(top.get("dataset_kwargs"), dict) else None,
     )

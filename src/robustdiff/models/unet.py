@@ -31,6 +31,7 @@ __all__ = [
     "PositionalEmbedding",
     "SongUNet",
     "UNetBlock",
+    "attention",
     "resolution_pyramid",
     "unet_preset",
 ]
@@ -186,11 +187,28 @@ class UNetBlock(nn.Module):
             heads = self.num_heads
             # (B, 3C, H, W) → per head (B·heads, C/heads, 3, HW), interleaved q/k/v per channel.
             q, k, v = self.qkv(self.norm2(x)).reshape(b * heads, c // heads, 3, h * w).unbind(2)
-            # softmax(qᵀk / sqrt(d)) v with tokens = pixels; SDPA wants (N, L, d).
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            a = a.transpose(1, 2).reshape(b, c, h, w)
+            # contiguous(): the attention output must keep the NCHW layout (NVIDIA's does), or the layout
+            # carries into later blocks and F.dropout draws its mask over a different element order.
+            a = attention(q, k, v).reshape(b, c, h, w).contiguous()
             x = (self.proj(a) + x) * self.skip_scale
         return x
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Single-head attention over pixels, EDM's layout: q, k, v (N, d, L) → (N, d, L),
+    out[:, :, i] = Σ_j softmax_j(q_i·k_j / sqrt(d)) v[:, :, j].
+
+    Float32 without autocast: PyTorch's fused ``scaled_dot_product_attention`` (the same numbers up to
+    float32 rounding). Otherwise (autocast, or half-precision inputs) NVIDIA's AttentionOp: the logits
+    and the softmax are computed in float32 — k is scaled by 1/sqrt(d) in its own dtype first — and the
+    weights are cast back to q's dtype before they multiply v.
+    """
+    if q.dtype == torch.float32 and not torch.is_autocast_enabled(q.device.type):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    with torch.autocast(q.device.type, enabled=False):
+        k = k / math.sqrt(k.shape[1])
+        weights = torch.einsum("ncq,nck->nqk", q.to(torch.float32), k.to(torch.float32)).softmax(dim=2)
+    return torch.einsum("nqk,nck->ncq", weights.to(q.dtype), v)
 
 
 class PositionalEmbedding(nn.Module):
