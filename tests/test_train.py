@@ -156,8 +156,9 @@ def test_fast_path_bf16_channels_last_compile_trains(tmp_path, tiny_overrides, m
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_training_step_never_waits_for_the_device(tmp_path, tiny_overrides, monkeypatch, norm):
     """No host-device synchronisation inside a step: our hooks (augmentation, TRADES step, metric sums, EMA)
-    never read a tensor's value on the host (.item(), .tolist(), bool(), float(), int()). On a CPU these are
-    harmless, but on a GPU each would stall the queue; here every such call made inside a step is recorded."""
+    never read a tensor's value on the host (.item(), .tolist(), bool(), float(), int()) nor copy Python numbers
+    to the device (torch.tensor(..., device=)). On a CPU these are harmless, but on a GPU each would stall the
+    queue; here every such call made inside a step is recorded."""
     import traceback
 
     from robustdiff.training.adversarial import AdversarialTraining
@@ -173,6 +174,17 @@ def test_training_step_never_waits_for_the_device(tmp_path, tiny_overrides, monk
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, recording)
+    # A tensor made from Python numbers directly on the device is a blocking host-to-device copy: on a GPU the
+    # host waits for the queue to drain (torch.full/zeros fill on the device instead).
+    for name in ("tensor", "as_tensor"):
+        original = getattr(torch, name)
+
+        def recording_new(*args, _original=original, _name=name, **kwargs):
+            if inside[0] and kwargs.get("device") is not None:
+                calls.append((f"torch.{_name}(..., device=...)", "".join(traceback.format_stack(limit=4)[:-1])))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, recording_new)
 
     def step_part(method):
         def wrapped(*args, **kwargs):
