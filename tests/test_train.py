@@ -97,6 +97,19 @@ def test_every_config_group_composes():
         validate(cfg)
 
 
+@pytest.mark.parametrize("trainer, expected", [("gpu", True), ("ddp", True), ("cpu", False)])
+def test_gpu_trainers_autotune_cudnn(tmp_path, monkeypatch, trainer, expected):
+    """trainer=gpu/ddp give Lightning benchmark=True (cuDNN picks each convolution's fastest kernel once, as the
+    bare-step benchmark does); trainer=cpu leaves torch's setting alone."""
+    from robustdiff.training.run import make_trainer
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cfg = compose_train(f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=1", "logger=none",
+                        "trainer.enable_progress_bar=false")
+    make_trainer(cfg, tmp_path, [], max_epochs=1)
+    assert torch.backends.cudnn.benchmark is expected
+
+
 def test_unknown_choice_lists_options():
     with pytest.raises(ConfigCompositionException, match="fashionmnist"):
         compose_train("dataset=mnist")
