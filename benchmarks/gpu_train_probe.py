@@ -41,8 +41,11 @@ class StepTimer(pl.Callback):
 
     def __init__(self, path: Path, warmup: int, sync_debug: bool = False):
         self.path, self.warmup, self.sync_debug = path, warmup, sync_debug
-        self.record: dict = {"epochs": [], "eval_seconds": [], "warmup_steps": warmup,
+        # step_times: [global step, host seconds since start] at every step's end, unsynchronised: once the device
+        # is the bottleneck the host runs at most a step ahead, so a run cut short (a time box) still gives a rate.
+        self.record: dict = {"epochs": [], "eval_seconds": [], "warmup_steps": warmup, "step_times": [],
                              "started": time.time(), "device": None, "sync_debug": False}
+        self.started = time.perf_counter()
         if sync_debug:
             self.record["host_syncs"] = {}
         self.done = 0
@@ -74,8 +77,11 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.done += 1
+        self.record["step_times"].append([int(trainer.global_step), time.perf_counter() - self.started])
         if self.done == 1:
             self.record["first_step"] = int(trainer.global_step)  # after a resume: the restored step + 1
+        if self.done % 5 == 0:
+            self.write()
         if self.t0 is None and self.done >= self.warmup:
             self.t0, self.s0 = _now(pl_module.device), trainer.global_step
             self.watch_syncs(pl_module.device, True)
