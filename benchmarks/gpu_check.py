@@ -42,6 +42,7 @@ from robustdiff.models.unet import unet_preset
 from robustdiff.models.wrn import bn_parameter_names, build_wrn
 from robustdiff.training.ema import EMA
 from robustdiff.utils.hardware import allow_graphs
+from robustdiff.utils.io import atomic_write_text
 
 FORWARD_EQUIVALENTS = 27  # SPEC §9: p_nat forward, K × (forward + input backward), 2 forwards + full backward
 WRN_28_10_GMAC = 5.24  # per 32×32 image
@@ -219,7 +220,7 @@ def main() -> None:
         result["elapsed_s"] = time.perf_counter() - began
         if out_path is not None:
             out_path.parent.mkdir(parents=True, exist_ok=True)
-            out_path.write_text(json.dumps(result, indent=2))
+            atomic_write_text(out_path, json.dumps(result, indent=2))  # a run cut mid-write keeps the last JSON
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - began:6.1f} s] {msg}", flush=True)

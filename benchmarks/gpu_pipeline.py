@@ -98,10 +98,10 @@ class Check:
     # ------------------------------------------------------------------ bookkeeping
     def save(self) -> None:
         self.result["elapsed_s"] = time.perf_counter() - self.began
+        from robustdiff.utils.io import atomic_write_text
+
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out.with_name(self.out.name + ".tmp")
-        tmp.write_text(json.dumps(self.result, indent=2, default=str))
-        os.replace(tmp, self.out)
+        atomic_write_text(self.out, json.dumps(self.result, indent=2, default=str))  # stage order kept
 
     def log(self, msg: str) -> None:
         line = f"[{time.perf_counter() - self.began:6.1f} s] {msg}"
@@ -293,7 +293,12 @@ class Check:
         cmd = self.python("-m", "robustdiff.cli.evaluate", str(run_dir), "--n-examples", str(self.aa_points),
                           "--attacks", "clean,autoattack", "--batch-size", str(max(self.aa_points, 1)),
                           "--out", str(out), "--no-resume", "--device", "cpu" if self.smoke else "cuda")
-        r = self.run("eval", cmd, box)
+        offset = self.log_path.stat().st_size if self.log_path.is_file() else 0
+        r = self.run("eval", cmd, box, allow_timeout=True)
+        if r["timed_out"]:  # eval.json comes at the end: keep how far each attack got
+            progress = [line.strip() for line in self.output(offset).splitlines() if "AutoAttack" in line]
+            r.update(ok=False, error=f"eval: stopped after its time box of {box:.0f} s", progress=progress[-6:])
+            return r
         ev = json.loads((out / "eval.json").read_text())
         aa = ev["autoattack"]
         r.update(points=ev["n_examples"], clean_acc=ev["clean"]["acc"], robust_acc=aa["robust_acc"],

@@ -56,10 +56,10 @@ class StepTimer(pl.Callback):
     def write(self) -> None:
         if not self.rank0:
             return
+        from robustdiff.utils.io import atomic_write_text
+
         self.record["wall_s"] = time.time() - self.record["started"]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.record, indent=2))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.record, indent=2))
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.rank0 = trainer.is_global_zero
