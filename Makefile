@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data test demo study lint bench bench-data bench-edm bench-eval bench-train gpu-check
+.PHONY: install data test demo study lint bench bench-data bench-edm bench-eval bench-train gpu-bundle gpu-check
 
 install: $(VENV)/.installed
 
@@ -50,7 +50,13 @@ bench-eval: install data
 bench-train: install data
 	$(PY) benchmarks/bench_train.py $(ARGS)
 
-# One H100/H200, at most 8 minutes (`--smoke` runs a tiny version on a CPU).
+# Here, once: the wheels the GPU machine lacks (CPython $(GPU_PYTHON_VERSION)) and Fashion-MNIST, into gpu_bundle/.
+GPU_PYTHON_VERSION ?= 3.12
+gpu-bundle: install data
+	GPU_PYTHON_VERSION=$(GPU_PYTHON_VERSION) PYTHON=$(PY) bash benchmarks/gpu_bundle.sh
+
+# One H100/H200, at most 8 minutes: the math and the real entry points on CUDA (`ARGS=--smoke`: every stage on
+# a CPU at toy size). On the device machine without `make install`: bash benchmarks/gpu_check.sh (uses gpu_bundle/).
 gpu-check: install
 	bash benchmarks/gpu_check.sh $(ARGS)
 

@@ -5,7 +5,9 @@ Measures on one GPU (sized for an H100/H200 in under 8 minutes):
 1. the card's dense bf16 peak, from a large bf16 matmul;
 2. WRN-28-10 TRADES (β = 5, K = 10, ℓ∞ 8/255) on synthetic 32×32×3 batches of 512: images/s in
    fp32 and under bf16 autocast, eager and ``torch.compile``d, peak memory, and the fraction of the
-   bf16 peak reached (SPEC §9: 27 forward-equivalents × 5.24 GMAC × 2 FLOP per image);
+   bf16 peak reached (SPEC §9: 27 forward-equivalents × 5.24 GMAC × 2 FLOP per image). A config
+   ending in ``+fmnist`` runs the same step on 28×28×1 batches (a 1-channel WRN): the bare-step
+   figure that ``gpu_pipeline.py`` compares robustdiff-train's end-to-end Fashion-MNIST rate with;
 3. EDM CIFAR-10 DDPM++ (random weights) with the 18-step Heun sampler: images/s in fp32, bf16 and fp16,
    and the largest pixel difference between each reduced precision and fp32.
 
@@ -33,12 +35,14 @@ import torch._dynamo
 from torch import nn
 
 from robustdiff.adversarial.trades import AttackConfig, trades_loss
+from robustdiff.data.datasets import get_info
 from robustdiff.diffusion.edm import EDMPrecond, to_uint8
 from robustdiff.diffusion.sampler import edm_sampler
 from robustdiff.models.unet import unet_preset
 from robustdiff.models.wrn import bn_parameter_names, build_wrn
 from robustdiff.training.ema import EMA
 from robustdiff.utils.hardware import allow_graphs
+from robustdiff.utils.io import atomic_write_text
 
 FORWARD_EQUIVALENTS = 27  # SPEC §9: p_nat forward, K × (forward + input backward), 2 forwards + full backward
 WRN_28_10_GMAC = 5.24  # per 32×32 image
@@ -93,7 +97,8 @@ def bf16_peak(device: torch.device, n: int, iters: int) -> float:
 
 
 def trades_throughput(init: nn.Module, args, device, precision: str, compile_model: bool,
-                      channels_last: bool) -> dict:
+                      channels_last: bool, image_shape: tuple[int, int, int] = (3, 32, 32)) -> dict:
+    """One configuration of the bare TRADES step. image_shape: (C, H, W) of the synthetic batches."""
     clock = Clock(device)
     model = copy.deepcopy(init).to(device)
     if channels_last:
@@ -112,7 +117,7 @@ def trades_throughput(init: nn.Module, args, device, precision: str, compile_mod
     net = torch.compile(model) if compile_model else model
     cfg = AttackConfig("linf", 8 / 255, 2 / 255, args.steps)
     g = torch.Generator(device=device).manual_seed(0)
-    x = torch.rand(args.batch, 3, 32, 32, device=device, generator=g)
+    x = torch.rand(args.batch, *image_shape, device=device, generator=g)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,), device=device, generator=g)
@@ -181,8 +186,8 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=5.0)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=6, help="timed optimiser steps per configuration")
-    p.add_argument("--configs", default="fp32,bf16,bf16+cl,bf16+compile,bf16+cl+compile,fp32+compile",
-                   help="comma list of precision[+cl (channels_last)][+compile]")
+    p.add_argument("--configs", default="fp32,bf16,bf16+cl,bf16+cl+fmnist,bf16+cl+compile,bf16+cl+compile+fmnist",
+                   help="comma list of precision[+cl (channels_last)][+compile][+fmnist (28×28×1 batches)]")
     p.add_argument("--matmul", type=int, default=8192, help="side of the bf16 peak matmul")
     p.add_argument("--edm-preset", default="ddpmpp")
     p.add_argument("--edm-batch", type=int, default=256)
@@ -195,7 +200,7 @@ def main() -> None:
         args.model, args.batch, args.steps, args.warmup, args.iters = "wrn-10-1", 8, 2, 1, 1
         args.matmul, args.edm_preset, args.edm_batch, args.edm_steps = 256, "small", 2, 3
         if args.configs == p.get_default("configs"):
-            args.configs = "fp32,bf16"
+            args.configs = "fp32,bf16,bf16+cl+fmnist"
         torch.set_num_threads(1)  # a shared CPU: OpenMP threads spin-waiting on each other cost more than they give
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
     out_path = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
@@ -215,7 +220,7 @@ def main() -> None:
         result["elapsed_s"] = time.perf_counter() - began
         if out_path is not None:
             out_path.parent.mkdir(parents=True, exist_ok=True)
-            out_path.write_text(json.dumps(result, indent=2))
+            atomic_write_text(out_path, json.dumps(result, indent=2))  # a run cut mid-write keeps the last JSON
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - began:6.1f} s] {msg}", flush=True)
@@ -230,6 +235,11 @@ def main() -> None:
     log(f"{args.model}: {result['wrn_gmac_per_image']:.3f} GMAC per 32×32 forward (SPEC: 5.24 for wrn-28-10)")
     flop_per_image = FORWARD_EQUIVALENTS * WRN_28_10_GMAC * 1e9 * 2 if args.model == "wrn-28-10" else \
         FORWARD_EQUIVALENTS * result["wrn_gmac_per_image"] * 1e9 * 2
+    torch.manual_seed(0)
+    info = get_info("fashionmnist")
+    init_fmnist = build_wrn(args.model, num_classes=10, in_channels=1, mean=info.mean, std=info.std)
+    result["wrn_gmac_per_image_fmnist"] = count_macs(init_fmnist, (1, 1, 28, 28), "cpu") / 1e9
+    flop_per_image_fmnist = FORWARD_EQUIVALENTS * result["wrn_gmac_per_image_fmnist"] * 1e9 * 2
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     eager = [c for c in configs if "compile" not in c]
@@ -238,9 +248,12 @@ def main() -> None:
     def run_trades(name: str) -> None:
         parts = name.split("+")
         precision = parts[0]
+        fmnist = "fmnist" in parts
         try:
-            r = trades_throughput(init, args, device, precision, "compile" in parts, "cl" in parts)
-            r["fraction_of_bf16_peak"] = r["images_per_s"] * flop_per_image / (result["bf16_peak_tflops"] * 1e12)
+            r = trades_throughput(init_fmnist if fmnist else init, args, device, precision, "compile" in parts,
+                                  "cl" in parts, (1, 28, 28) if fmnist else (3, 32, 32))
+            flop = flop_per_image_fmnist if fmnist else flop_per_image
+            r["fraction_of_bf16_peak"] = r["images_per_s"] * flop / (result["bf16_peak_tflops"] * 1e12)
             mem = f", peak {r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else ""
             log(f"TRADES {name}: {r['images_per_s']:.0f} img/s ({r['fraction_of_bf16_peak']:.1%} of bf16 peak)"
                 f"{mem}, warm-up {r['warmup_s']:.0f} s")

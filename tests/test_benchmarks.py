@@ -25,21 +25,38 @@ def _env() -> dict:
     return env
 
 
-def test_gpu_check_smoke_writes_every_measurement(tmp_path):
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_stage(tmp_path):
+    """`gpu_check.sh --smoke`: every stage of the GPU check (the math, then the real entry points: train with an
+    interrupt and a resume, AutoAttack eval, generate + store verify, DDP, both compile modes) at toy size."""
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--smoke", "--out", str(out)], env=_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = dict(_env(), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--smoke", "--out", str(out), "--work", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=1500)
+    log = (tmp_path / "gpu_check.log").read_text() if (tmp_path / "gpu_check.log").is_file() else ""
+    assert proc.returncode == 0, proc.stderr[-3000:] + log[-3000:]
     r = json.loads(out.read_text())
+    failed = {k: v.get("error") for k, v in r["stages"].items() if not v.get("ok")}
+    assert not failed, f"{failed}\n{log[-4000:]}"
+    assert list(r["stages"]) == ["math", "train", "train_reduce_overhead", "eval", "ddp", "generate", "train_compile"]
+    # The math (gpu_check.py), merged at the top level.
     assert r["bf16_peak_tflops"] > 0
-    for config in ("fp32", "bf16"):
+    for config in ("fp32", "bf16", "bf16+cl+fmnist"):
         t = r["trades"][config]
         # > 0 only: on a shared CPU the matmul peak and the step are timed at different moments, so the
         # fraction can exceed 1 under load; the bound means something on a GPU, not in this smoke run.
         assert t["images_per_s"] > 0 and t["fraction_of_bf16_peak"] > 0
-    edm = r["edm"]
-    assert {"fp32", "bf16", "fp16"} <= set(edm) and edm["max_abs_dpixel_uint8"] >= 0
-    assert "% bf16 peak" in proc.stdout
+    assert {"fp32", "bf16", "fp16"} <= set(r["edm"]) and r["edm"]["max_abs_dpixel_uint8"] >= 0
+    # robustdiff-train: stopped mid-epoch 2, resumed from last.ckpt at that step, finished; timed and compared.
+    train = r["stages"]["train"]
+    assert train["resumed"] and train["finished"] and train["resumed_at_step"] == train["interrupted_at_step"]
+    assert train["images_per_s"] > 0 and train["end_to_end_over_bare"] > 0 and train["eval_seconds_per_epoch"] > 0
+    assert r["stages"]["eval"]["version"] == "standard" and r["stages"]["eval"]["points_per_s"] > 0
+    assert r["stages"]["generate"]["verify"]["rc"] == 0 and r["stages"]["generate"]["images_per_s"] > 0
+    assert r["stages"]["ddp"]["backend"] == "gloo"  # nccl on the GPU
+    assert r["stages"]["train_reduce_overhead"]["compile"] == "reduce-overhead"
+    assert {"trades_fraction_of_bf16_peak", "edm_bf16_over_fp32", "train_end_to_end_over_bare",
+            "autoattack_points_per_s", "generate_images_per_s"} <= set(r["summary"])
 
 
 def test_bench_train_times_every_loop_and_run_all_tabulates_it(tmp_path):

@@ -97,6 +97,19 @@ def test_every_config_group_composes():
         validate(cfg)
 
 
+@pytest.mark.parametrize("trainer, expected", [("gpu", True), ("ddp", True), ("cpu", False)])
+def test_gpu_trainers_autotune_cudnn(tmp_path, monkeypatch, trainer, expected):
+    """trainer=gpu/ddp give Lightning benchmark=True (cuDNN picks each convolution's fastest kernel once, as the
+    bare-step benchmark does); trainer=cpu leaves torch's setting alone."""
+    from robustdiff.training.run import make_trainer
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cfg = compose_train(f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=1", "logger=none",
+                        "trainer.enable_progress_bar=false")
+    make_trainer(cfg, tmp_path, [], max_epochs=1)
+    assert torch.backends.cudnn.benchmark is expected
+
+
 def test_unknown_choice_lists_options():
     with pytest.raises(ConfigCompositionException, match="fashionmnist"):
         compose_train("dataset=mnist")
@@ -156,8 +169,9 @@ def test_fast_path_bf16_channels_last_compile_trains(tmp_path, tiny_overrides, m
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_training_step_never_waits_for_the_device(tmp_path, tiny_overrides, monkeypatch, norm):
     """No host-device synchronisation inside a step: our hooks (augmentation, TRADES step, metric sums, EMA)
-    never read a tensor's value on the host (.item(), .tolist(), bool(), float(), int()). On a CPU these are
-    harmless, but on a GPU each would stall the queue; here every such call made inside a step is recorded."""
+    never read a tensor's value on the host (.item(), .tolist(), bool(), float(), int()) nor copy Python numbers
+    to the device (torch.tensor(..., device=)). On a CPU these are harmless, but on a GPU each would stall the
+    queue; here every such call made inside a step is recorded."""
     import traceback
 
     from robustdiff.training.adversarial import AdversarialTraining
@@ -173,6 +187,17 @@ def test_training_step_never_waits_for_the_device(tmp_path, tiny_overrides, monk
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, recording)
+    # A tensor made from Python numbers directly on the device is a blocking host-to-device copy: on a GPU the
+    # host waits for the queue to drain (torch.full/zeros fill on the device instead).
+    for name in ("tensor", "as_tensor"):
+        original = getattr(torch, name)
+
+        def recording_new(*args, _original=original, _name=name, **kwargs):
+            if inside[0] and kwargs.get("device") is not None:
+                calls.append((f"torch.{_name}(..., device=...)", "".join(traceback.format_stack(limit=4)[:-1])))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, recording_new)
 
     def step_part(method):
         def wrapped(*args, **kwargs):

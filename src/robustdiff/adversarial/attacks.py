@@ -63,7 +63,7 @@ def cw_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = 0.0) -> torch.
     moving (zero loss and gradient) once it is misclassified. κ > 0 keeps pushing it up to a margin of κ.
     """
     onehot = F.one_hot(y, logits.shape[1]).bool()
-    correct = logits[onehot]
+    correct = logits.gather(1, y[:, None]).squeeze(1)  # not logits[onehot]: a boolean mask waits for the device
     other = logits.masked_fill(onehot, float("-inf")).amax(dim=1)
     return -torch.clamp(correct - other, min=-kappa).sum()
 

@@ -181,7 +181,7 @@ class AdversarialTraining(pl.LightningModule):
                 out.loss.detach().float() * y.shape[0], out.loss_natural.float() * y.shape[0],
                 out.loss_robust.float() * y.shape[0],
                 (out.logits_natural.argmax(1) == y).sum().float(), (out.logits_adv.argmax(1) == y).sum().float(),
-                torch.tensor(float(y.shape[0]), device=y.device),
+                torch.full((), float(y.shape[0]), device=y.device),  # torch.tensor(..., device=cuda) syncs
             ])
             self._train_sums = sums if self._train_sums is None else self._train_sums.to(sums.device) + sums
         self.log("train/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)

@@ -282,7 +282,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, **kwargs: Any)
         logger=build_logger(cfg, run_dir, run_dir.name), callbacks=callbacks, enable_checkpointing=True,
         num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
         log_every_n_steps=cfg.trainer.log_every_n_steps, enable_progress_bar=cfg.trainer.enable_progress_bar,
-        enable_model_summary=False, sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm", False)), **kwargs,
+        enable_model_summary=False, sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm", False)),
+        benchmark=cfg.trainer.get("benchmark"), **kwargs,
     )
 
 
