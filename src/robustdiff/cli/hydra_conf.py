@@ -26,3 +26,25 @@ def config_groups(groups: Iterable[str], conf_dir: str = CONF_DIR) -> str:
 
 
 OmegaConf.register_new_resolver("rd_config_groups", lambda groups: config_groups(groups), replace=True)
+
+
+def remove_unused_run_dir(run_dir: Path) -> bool:
+    """After a rejected config: remove the run directory Hydra created for the job if it holds nothing but what
+    Hydra wrote there (its ``.hydra/`` config copies and the job's log). Anything else, e.g. the run.json of an
+    earlier run, leaves it untouched. Never removes more than those files and the two directories."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    sub = hc.output_subdir
+    own = {f"{hc.job.name}.log", *(f"{sub}/{f}" for f in ("config.yaml", "hydra.yaml", "overrides.yaml") if sub)}
+    if not run_dir.is_dir():
+        return False
+    files = [p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if not p.is_dir()]
+    if any(f not in own for f in files):
+        return False
+    for f in files:
+        (run_dir / f).unlink()
+    for d in ([run_dir / sub] if sub else []) + [run_dir]:
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+    return True

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..utils.extras import missing_extra
+
 log = logging.getLogger("robustdiff.report")
 
 
@@ -35,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     wandb_run = None
     if args.wandb_project:
+        if missing := missing_extra("wandb", "--wandb-project"):
+            raise SystemExit(f"robustdiff-report: {missing}")
         import wandb
 
         wandb_run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, job_type="report",

@@ -10,7 +10,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .hydra_conf import CONF_DIR, CONFIG_PATH  # noqa: F401  (CONF_DIR: for callers that compose configs)
+from ..utils.extras import missing_extra
+from .hydra_conf import CONF_DIR, CONFIG_PATH, remove_unused_run_dir  # noqa: F401  (CONF_DIR: for callers that compose configs)
 from .sweep import own_job_argv
 
 
@@ -30,6 +31,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             summary = train(cfg, run_dir)
     except (ConfigError, DirectoryLockedError, StoreError, DatasetError, CheckpointFileError) as e:
         print(f"robustdiff-train: error: {e}", file=sys.stderr)
+        remove_unused_run_dir(run_dir)  # a rejected config leaves no run directory behind
         sys.exit(2)
     except OSError as e:
         if e.errno != errno.ENOSPC:
@@ -43,6 +45,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    if any(a.startswith("hydra/launcher=slurm") for a in sys.argv[1:]) and (
+            missing := missing_extra("hydra_plugins.hydra_submitit_launcher", "hydra/launcher=slurm")):
+        sys.exit(f"robustdiff-train: error: {missing}")
     sys.argv = [sys.argv[0], *own_job_argv(sys.argv[1:])]  # DDP ranks of a sweep job: that job only
     _hydra_main()
 

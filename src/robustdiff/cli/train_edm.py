@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .hydra_conf import CONFIG_PATH
+from .hydra_conf import CONFIG_PATH, remove_unused_run_dir
 from .sweep import own_job_argv
 
 
@@ -35,6 +35,7 @@ def _hydra_main(cfg: DictConfig) -> None:
             summary = train_edm(cfg, run_dir)
     except (ConfigError, DirectoryLockedError, StoreError, DatasetError, CheckpointFileError) as e:
         print(f"robustdiff-edm: error: {e}", file=sys.stderr)
+        remove_unused_run_dir(run_dir)  # a rejected config leaves no run directory behind
         sys.exit(2)
     except OSError as e:
         if e.errno != errno.ENOSPC:

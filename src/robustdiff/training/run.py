@@ -18,6 +18,7 @@ from ..adversarial.trades import AttackConfig
 from ..data.datamodule import RobustDataModule
 from ..data.datasets import get_info
 from ..models.wrn import WideResNet
+from ..utils.extras import missing_extra
 from ..utils.hardware import COMPILE_CHOICES, COMPILE_MODES, resolve_precision
 from ..utils.io import atomic_write_json, atomic_write_text, remove_orphan_temporaries
 from ..utils.lock import DirectoryLock
@@ -222,6 +223,8 @@ def build_logger(cfg: DictConfig, run_dir: Path, name: str):
         # csv/version_<k>/metrics.csv: a resumed run starts a new version rather than overwriting the old log.
         return pl.loggers.CSVLogger(save_dir=str(run_dir), name="csv")
     if kind == "wandb":
+        if missing := missing_extra("wandb", "logger=wandb"):
+            raise ConfigError(missing)
         mode = cfg.logger.get("mode", "auto")
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") or _wandb_logged_in() else "offline"
