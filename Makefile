@@ -17,12 +17,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# Fashion-MNIST, the embedded default dataset, from Debian's package.
-data: $(FMNIST)
-
-$(FMNIST):
-	$(SUDO) apt-get update -qq
-	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+# Fashion-MNIST, the embedded default dataset: Debian's package where apt-get exists, else torchvision's
+# downloader into data/FashionMNIST/raw (where robustdiff looks with the default data_dir=data).
+FMNIST_TV := data/FashionMNIST/raw/train-images-idx3-ubyte
+data:
+	@if [ -f $(FMNIST) ] || [ -f $(FMNIST_TV) ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ -f /etc/debian_version ]; then \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  $(MAKE) install && $(PY) -c "from torchvision.datasets import FashionMNIST as F; [F('data', train=t, download=True) for t in (True, False)]"; \
+	fi
 
 test: install data
 	$(PY) -m pytest -q

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
-EXPERIMENTS_DIR = ROOT / "experiments"
+CONF_DIR = ROOT / "src" / "robustdiff" / "conf"  # package data (pkg://robustdiff.conf)
+EXPERIMENTS_DIR = CONF_DIR  # the recipes are its `experiment` group
 
 # Two cores: keep torch from oversubscribing them when pytest and DDP workers run side by side.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -16,10 +16,10 @@ def compose_train(*overrides: str):
     """The config `robustdiff-train <overrides>` would run with (Hydra's compose API)."""
     from hydra import compose, initialize_config_dir
 
-    import robustdiff.training.run  # noqa: F401  (registers the rd_run_name resolver)
+    import robustdiff.utils.naming  # noqa: F401  (registers the rd_* resolvers)
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[f"hydra.searchpath=[file://{EXPERIMENTS_DIR}]", *overrides])
+        return compose("train", overrides=list(overrides))
 
 
 # A TRADES run small enough for this CPU: 256 real Fashion-MNIST training images, 64 for validation.

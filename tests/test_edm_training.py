@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
-from robustdiff.cli.train import CONF_DIR
+from robustdiff.cli.hydra_conf import CONF_DIR
 from robustdiff.data.datasets import load_split
 from robustdiff.diffusion.edm import EDMPrecond, edm_loss
 from robustdiff.training.diffusion import load_network, train_edm

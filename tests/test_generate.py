@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from robustdiff.cli.generate import GenerationError, generate
-from robustdiff.cli.train import CONF_DIR
+from robustdiff.cli.hydra_conf import CONF_DIR
 from robustdiff.data.store import GeneratedStore, StoreError, verify_store
 from robustdiff.diffusion.edm import EDMPrecond
 from robustdiff.diffusion.sampler import sample_images

@@ -79,7 +79,7 @@ EDM_FAST = ["resolution=16", "limit_train=256", "edm.batch_size=16", "edm.lr_ram
 def edm_config(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from robustdiff.cli.train import CONF_DIR
+    from robustdiff.cli.hydra_conf import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("train_edm", overrides=[*EDM_FAST, *overrides])

@@ -64,7 +64,7 @@ def test_sweep_resumes_unfinished_jobs_and_groups_wandb_runs(tmp_path):
     for d in dirs:
         assert json.loads((d / "summary.json").read_text())["finished"]
     groups = set.union(*(wandb_groups(d) for d in dirs))
-    assert len(groups) == 1 and groups.pop().startswith("batch_size:32__epochs:1"), groups  # the sweep's overrides
+    assert len(groups) == 1 and groups.pop().startswith("norm:linf,l2__batch_size:32__epochs:1"), groups  # swept first
     md = report_path(proc)
     text = md.read_text()
     assert md.parent.parent.name == "sweeps" and all(d.name in text for d in dirs)
@@ -95,3 +95,31 @@ def test_ddp_sweep_makes_one_directory_per_job_and_skips_finished_jobs(tmp_path)
     assert run_dirs(tmp_path) == dirs
     assert {d: (d / "checkpoints" / "last.ckpt").stat().st_mtime_ns for d in dirs} == mtimes
     assert report_path(again) == md
+
+
+def test_sweep_names_lead_with_swept_values_and_its_folder_reports_exactly_its_jobs(tmp_path):
+    """Constant overrides long enough that the names must be cut: the cut drops constant keys, never the swept
+    value (which sorts last); the sweep's folder has its multirun.yaml and jobs.txt, and robustdiff-report on
+    it reports its two jobs only, not another run in the same run_root."""
+    long = ("label_smoothing=0.10000000000000000001", "momentum=0.90000000000000000001")  # ~210 characters in all
+    proc = sweep(tmp_path, *long, "weight_decay=0.0005,0.001", "interrupt_after_steps=1")
+    dirs = run_dirs(tmp_path)
+    assert len(dirs) == 2, dirs
+    assert sorted(d.name.split("__")[0] for d in dirs) == ["weight_decay:0.0005", "weight_decay:0.001"]
+    # Cut (a hash of the full name ends it) by dropping the last constant keys, not by cutting the swept value.
+    assert all(len(d.name) <= 120 and "val_size" not in d.name and "batch_size:32" in d.name for d in dirs)
+    folders = list((tmp_path / "runs" / "sweeps").iterdir())
+    assert len(folders) == 1 and folders[0].name.startswith("weight_decay:0.0005_0.001__"), folders
+    folder = folders[0]
+    assert (folder / "multirun.yaml").is_file() and not (tmp_path / "runs" / "multirun.yaml").exists()
+    assert sorted((folder / line).resolve() for line in (folder / "jobs.txt").read_text().split()) == \
+        [d.resolve() for d in dirs]
+    assert report_path(proc).parent == folder
+    other = tmp_path / "runs" / "another-run"
+    other.mkdir()
+    (other / "run.json").write_text((dirs[0] / "run.json").read_text())
+    out = subprocess.run([str(CLI.with_name("robustdiff-report")), str(folder), "--out", str(tmp_path / "rep")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert all(d.name in text for d in dirs) and "another-run" not in text

@@ -218,3 +218,15 @@ def test_training_step_never_waits_for_the_device(tmp_path, tiny_overrides, monk
     summary = train(compose_train(*tiny_overrides, "epochs=1", f"norm={norm}"), tmp_path / "run")
     assert summary["finished"] and len(steps) >= 5
     assert calls == [], "host reads inside a training step:\n" + "\n".join(f"{n}:\n{s}" for n, s in calls[:3])
+
+
+def test_run_name_in_a_sweep_puts_swept_keys_first_and_drops_constant_keys_first():
+    from robustdiff.utils.naming import run_name, sweep_name
+
+    od = "a_long_constant:" + "x" * 60 + "__batch_size:64__model:wrn-28-10__norm:linf__ratio:0.5"
+    assert run_name(None, od, swept=["ratio"]).startswith("ratio:0.5__a_long_constant:")
+    cut = run_name(None, od + "__zz:" + "y" * 80, swept=["ratio", "norm"])
+    assert len(cut) <= 120 and cut.startswith("norm:linf__ratio:0.5__") and "zz:" not in cut
+    assert cut != run_name(None, od + "__zz:" + "y" * 81, swept=["ratio", "norm"])  # the hash keeps names apart
+    assert run_name(None, od, swept=[]).startswith(od[:100] + "-")  # single runs: the old cut (existing runs resume)
+    assert sweep_name("batch_size:64__ratio:0.5,0.7", ["ratio"]) == "ratio:0.5,0.7__batch_size:64"

@@ -30,7 +30,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from ..utils.io import atomic_write_text
-from .train import CONF_DIR, EXPERIMENTS_DIR
+from .hydra_conf import CONF_DIR
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,10 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compose(config_name: str, overrides: Sequence[str]):
-    import robustdiff.training.run  # noqa: F401  (registers the rd_run_name resolver)
-
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name, overrides=[f"hydra.searchpath=[file://{EXPERIMENTS_DIR}]", *overrides])
+        return compose(config_name, overrides=list(overrides))
 
 
 def _stage(title: str, command: str):

@@ -20,35 +20,14 @@ import logging
 import re
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+# torch and the evaluation modules are imported inside the functions that use them: --help answers at once.
+if TYPE_CHECKING:
+    import torch
 
-from ..data.datasets import get_info, load_split
-from ..evaluation.export import (
-    CheckpointError,
-    export_robustbench,
-    extract_state_dict,
-    infer_architecture,
-    load_wideresnet,
-    model_card,
-    write_model_card,
-)
-from ..evaluation.robustness import (
-    STANDARD_ATTACKS,
-    EpsilonError,
-    clean_accuracy_warning,
-    evaluate_autoattack,
-    evaluate_clean,
-    evaluate_pgd,
-    format_eps,
-    paper_result,
-    paper_result_dict,
-    parse_eps,
-    write_eval_results,
-)
 from ..utils.lock import DirectoryLock, DirectoryLockedError
 
 log = logging.getLogger("robustdiff.eval")
@@ -66,14 +45,22 @@ def parse_count(text: str) -> int:
     return round(float(m.group(1)) * scale)
 
 
-def _csv(choices: Sequence[str]):
+def _csv(choices: Sequence[str] | Callable[[], Sequence[str]]):
     def parse(text: str) -> list[str]:
+        nonlocal choices
+        choices = choices() if callable(choices) else choices
         items = [t.strip() for t in text.split(",") if t.strip()]
         bad = [t for t in items if t not in choices]
         if bad or not items:
             raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (comma-separated), got {text!r}")
         return items
     return parse
+
+
+def _standard_attacks() -> tuple[str, ...]:
+    from ..evaluation.robustness import STANDARD_ATTACKS  # torch: only when --aa-attacks is given
+
+    return STANDARD_ATTACKS
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -97,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-examples", type=int, default=None, help="first N test images (default: all)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default 128)")
     p.add_argument("--attacks", type=_csv(ATTACKS), default=None, help="default clean,pgd,autoattack")
-    p.add_argument("--aa-attacks", type=_csv(STANDARD_ATTACKS), default=None,
+    p.add_argument("--aa-attacks", type=_csv(_standard_attacks), default=None,
                    help="a subset of AutoAttack's attacks for a quick look (default: all four = standard)")
     p.add_argument("--aa-targets", type=int, default=None,
                    help="target classes of APGD-T/FAB-T (standard 9; fewer is cheaper and weaker, and is recorded)")
@@ -123,10 +110,10 @@ def build_export_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing --out/--card files")
     p.add_argument("--eval-json", type=Path, default=None,
                    help="eval.json with the accuracies for the card (default: the run directory's)")
-    p.add_argument("--name", default=None)
-    p.add_argument("--authors", default=None)
-    p.add_argument("--link", default=None)
-    p.add_argument("--venue", default=None)
+    p.add_argument("--name", default=None, help="the card's model name (default: the run's name)")
+    p.add_argument("--authors", default=None, help="the card's authors: yours (default: empty)")
+    p.add_argument("--link", default=None, help="the card's link to your paper or code (default: empty)")
+    p.add_argument("--venue", default=None, help="the card's venue (default: empty)")
     return p
 
 
@@ -143,6 +130,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
     """Merge defaults < run.json < command line. Returns (settings, source of each setting)."""
+    import torch
+
+    from ..data.datasets import get_info
+    from ..evaluation.robustness import STANDARD_ATTACKS, EpsilonError, parse_eps
+
     target: Path = args.target
     run = _read_json(target / "run.json") if target.is_dir() else None
     if target.is_dir() and run is None:
@@ -204,6 +196,10 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
 # --- evaluate ----------------------------------------------------------------------------------------
 
 def _test_tensors(dataset: str, data_dir: str | None, n: int | None, device: torch.device):
+    import torch
+
+    from ..data.datasets import load_split
+
     images, labels = load_split(dataset, "test", data_dir)
     if n is not None:
         if n < 1:
@@ -255,6 +251,21 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_evaluation(args: argparse.Namespace, s: dict[str, Any], sources: dict[str, str], out: Path) -> dict[str, Any]:
+    import torch
+
+    from ..data.datasets import get_info
+    from ..evaluation.export import CheckpointError, load_wideresnet
+    from ..evaluation.robustness import (
+        clean_accuracy_warning,
+        evaluate_autoattack,
+        evaluate_clean,
+        evaluate_pgd,
+        format_eps,
+        paper_result,
+        paper_result_dict,
+        write_eval_results,
+    )
+
     for key in ("dataset", "norm", "eps", "n_examples", "attacks", "seed"):
         log.info("setting %s = %s (%s)", key, format_eps(s[key]) if key == "eps" else s[key], sources[key])
     device = torch.device(s["device"])
@@ -336,6 +347,19 @@ def check_export_paths(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from ..data.datasets import get_info
+    from ..evaluation.export import (
+        CheckpointError,
+        export_robustbench,
+        extract_state_dict,
+        infer_architecture,
+        load_wideresnet,
+        model_card,
+        write_model_card,
+    )
+
     check_export_paths(args)
     s, _ = resolve_settings(args)
     try:
@@ -372,8 +396,12 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
                 result["warnings"].append(f"eval.json covers {ev.get('n_examples')} of {info.n_test} test images; "
                                           "RobustBench reports the full test set")
         card = model_card(dataset=s["dataset"], norm=s["norm"], eps=s["eps"], architecture=arch, clean_acc=clean,
-                          autoattack_acc=aa, n_generated=s["n_generated"], name=args.name, link=args.link,
-                          authors=args.authors, venue=args.venue)
+                          autoattack_acc=aa, n_generated=s["n_generated"], name=args.name or s["name"],
+                          link=args.link, authors=args.authors, venue=args.venue)
+        empty = [f"--{k}" for k in ("authors", "link", "venue") if not card[k]]
+        if empty:
+            result["warnings"].append(f"the card's {', '.join(k[2:] for k in empty)} are empty: pass {' '.join(empty)} "
+                                      "(yours, not the paper's) before submitting it to RobustBench")
         write_model_card(card, args.card)
         result["card"] = card
         log.info("wrote %s", args.card)

@@ -37,11 +37,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.datasets import DatasetError
@@ -56,10 +55,12 @@ from ..data.store import (
     open_block_store,
     write_block,
 )
-from ..diffusion.sampler import SEEDINGS
-from ..utils.hardware import COMPILE_CHOICES, COMPILE_MODES
 from ..utils.io import atomic_path, file_sha256
-from .train import CONF_DIR
+from .hydra_conf import CONFIG_PATH
+
+# torch is imported inside the functions that use it: --help, --cfg and completion answer without it.
+if TYPE_CHECKING:
+    import torch
 
 SCORES_DIR = "scores"
 
@@ -92,6 +93,8 @@ def load_generator(path: str | os.PathLike, device: torch.device | str = "cpu"):
 def load_classifier(path: str | os.PathLike, dataset: str | None, num_classes: int, channels: int,
                     device: torch.device | str = "cpu") -> torch.nn.Module:
     """WideResNet from a robustdiff-train run directory (model.pt + run.json) or a WRN state-dict .pt."""
+    import torch
+
     from ..data.datasets import get_info
     from ..models.wrn import WideResNet
 
@@ -136,6 +139,9 @@ def load_classifier(path: str | os.PathLike, dataset: str | None, num_classes: i
 
 def plan(cfg: dict, num_classes: int) -> dict[str, Any]:
     """Counts and paths of the job (checks that must fail before any work)."""
+    from ..diffusion.sampler import SEEDINGS
+    from ..utils.hardware import COMPILE_CHOICES, COMPILE_MODES
+
     n, keep = cfg["n"], cfg["keep_fraction"]
     seeding = cfg.get("seeding", "robustdiff")
     if seeding not in SEEDINGS:
@@ -223,21 +229,23 @@ def _scores_path(target: Path, block: int) -> Path:
     return target / SCORES_DIR / f"shard-{block:05d}.f32"
 
 
-@torch.no_grad()
 def _confidence(classifier, images: np.ndarray, labels: np.ndarray, batch_size: int, device) -> np.ndarray:
     """Softmax probability of each image's generating class: float32 (n,)."""
+    import torch
+
     out = np.empty(len(labels), dtype=np.float32)
-    for a in range(0, len(labels), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[a:a + batch_size])).to(device)
-        x = x.permute(0, 3, 1, 2).float() / 255
-        y = torch.from_numpy(np.asarray(labels[a:a + batch_size])).to(device)
-        p = classifier(x).float().softmax(dim=1)
-        out[a:a + len(y)] = p.gather(1, y[:, None])[:, 0].cpu().numpy()
+    with torch.no_grad():
+        for a in range(0, len(labels), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[a:a + batch_size])).to(device)
+            x = x.permute(0, 3, 1, 2).float() / 255
+            y = torch.from_numpy(np.asarray(labels[a:a + batch_size])).to(device)
+            p = classifier(x).float().softmax(dim=1)
+            out[a:a + len(y)] = p.gather(1, y[:, None])[:, 0].cpu().numpy()
     return out
 
 
-# precision= -> the dtype the U-Net runs in under autocast (None: plain float32). The solver state stays float64.
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# precision= -> the torch dtype the U-Net runs in under autocast (None: plain float32). The solver state stays float64.
+AUTOCAST = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
 class ShardWriter:
@@ -282,6 +290,7 @@ def _write_shard(target: Path, block: int, images: np.ndarray | None, labels: np
 
 def run_generation(fabric, cfg: dict) -> dict | None:
     """Body of one process (rank). Returns the final manifest on rank 0, None when stopped early."""
+    import torch
     from tqdm import tqdm
 
     from ..data.datasets import get_info
@@ -306,7 +315,7 @@ def run_generation(fabric, cfg: dict) -> dict | None:
     if job["filter"]:
         classifier = load_classifier(cfg["classifier"], cfg["dataset"], K, shape[2], device)
     target: Path = job["target"]
-    autocast = AUTOCAST[cfg["precision"]]
+    autocast = getattr(torch, AUTOCAST[cfg["precision"]]) if AUTOCAST[cfg["precision"]] else None
     sampler_kwargs = _sampler_kwargs(cfg)
     if cfg.get("compile"):
         # Only the U-Net: the preconditioning and the float64 solver stay eager. Sampling only, nothing is saved.
@@ -467,7 +476,7 @@ def generate(cfg: DictConfig | dict) -> dict | None:
             lock.release()
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         generate(cfg)

@@ -13,14 +13,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..evaluation.report import write_report
+from ..utils.extras import missing_extra
 
 log = logging.getLogger("robustdiff.report")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="robustdiff-report", description=__doc__.split("\n\n")[0])
-    p.add_argument("path", type=Path, help="a run directory (with run.json) or a directory of runs")
+    p.add_argument("path", type=Path, help="a run directory (with run.json), a directory of runs, or a sweep's folder "
+                                           "(<run_root>/sweeps/<sweep>: exactly the jobs its jobs.txt lists)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: PATH)")
     p.add_argument("--wandb-project", default=None, help="also log the table and curves to this W&B project")
     p.add_argument("--wandb-entity", default=None)
@@ -29,15 +30,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Here, not at the top: --help answers without torch.
+    from ..evaluation.report import write_report
+    from .sweep import JOBS_FILE, read_jobs, report_root
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     wandb_run = None
     if args.wandb_project:
+        if missing := missing_extra("wandb", "--wandb-project"):
+            raise SystemExit(f"robustdiff-report: {missing}")
         import wandb
 
         wandb_run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, job_type="report",
                                name=f"report-{args.path.resolve().name}")
     try:
-        rows = write_report(args.path, args.out, wandb_run=wandb_run)
+        jobs = read_jobs(args.path)  # a sweep's folder: its own jobs, which live in <run_root>/<job>
+        if jobs is None:
+            rows = write_report(args.path, args.out, wandb_run=wandb_run)
+        else:
+            done = [d for d in jobs if (d / "run.json").is_file()]
+            if not done:
+                raise FileNotFoundError(f"{args.path / JOBS_FILE}: none of its {len(jobs)} job directories has a "
+                                        f"run.json yet (the sweep has not started them)")
+            rows = write_report(report_root(done), args.out or args.path, wandb_run=wandb_run, runs=done,
+                                title=f"robustdiff sweep {args.path.resolve().name}: {len(done)} of {len(jobs)} job(s)")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"robustdiff-report: {e}") from None
     finally:

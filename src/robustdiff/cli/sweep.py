@@ -1,8 +1,11 @@
 """What `robustdiff-train -m ...` (a Hydra multirun) needs beyond one run.
 
 * ``SweepReport``: a Hydra callback (conf/train.yaml, ``hydra.callbacks``) that names the sweep, so that its
-  W&B runs share a group (``SWEEP_ENV``, read by training.run.build_logger), and that writes one report over
-  the sweep's own run directories when the sweep ends: ``<run_root>/sweeps/<sweep>/report.md``.
+  W&B runs share a group (``SWEEP_ENV``, read by training.run.build_logger) and its jobs' directories start
+  with the swept keys (``SWEPT_ENV``, read by utils.naming.run_name). The sweep's own folder,
+  ``<run_root>/sweeps/<sweep>/``, holds Hydra's multirun.yaml, ``jobs.txt`` (its job directories, relative to
+  the folder; ``robustdiff-report`` reads it) and, when the sweep ends, report.md over exactly those jobs.
+  The jobs' run directories are ``<run_root>/<job>``, as for single runs.
 * ``ddp_job`` / ``own_job_argv``: DDP inside a sweep without duplicated jobs. Lightning starts ranks 1..N-1
   by re-running the command line; under ``-m`` that command is the whole sweep, so each extra rank would
   run every job of the sweep (and its callbacks) and pair up with rank 0 only by luck. Rank 0 therefore
@@ -13,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import subprocess
@@ -27,7 +29,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ..training.run import SWEEP_ENV, run_name
+from ..utils.naming import SWEEP_ENV, SWEPT_ENV, run_name
+from ..utils.naming import sweep_name as _sweep_name
 
 JOB_ENV = "ROBUSTDIFF_JOB_OVERRIDES"
 # Set by Lightning's subprocess launcher in the launching process; stale values would make the next job of a
@@ -55,30 +58,50 @@ def _dirname(overrides: Sequence[str], config: DictConfig) -> str:
                                  kv_sep=od.kv_sep)
 
 
+def swept(config: DictConfig) -> list[str]:
+    """The keys the sweep varies (``ratio=0.5,0.7`` -> ``ratio``), in command-line order."""
+    return [o.key_or_group for o in _parse(list(config.hydra.overrides.task)) if o.is_sweep_override()]
+
+
 def sweep_name(config: DictConfig) -> str:
-    """The sweep's command-line overrides as a name, e.g. ``epochs:1,2__norm:linf,l2`` (at most 128 characters,
-    W&B's limit for a group)."""
-    name = _dirname(list(config.hydra.overrides.task), config) or "default"
-    if len(name) > 128:
-        name = f"{name[:110]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
-    return name
+    """The sweep's command-line overrides as a name, swept keys first, e.g. ``ratio:0.5,0.7__epochs:3`` (at
+    most 128 characters, W&B's limit for a group; constant keys are dropped first)."""
+    return _sweep_name(_dirname(list(config.hydra.overrides.task), config), swept(config))
 
 
 def job_run_dirs(config: DictConfig) -> list[Path]:
     """The run directory of every job of the sweep described by ``config`` (the sweep's config, with the
-    command-line sweep overrides), in launch order: ``hydra.sweep.dir / rd_run_name(name, override_dirname)``."""
+    command-line sweep overrides), in launch order: ``<run_root>/<run name, swept keys first>``."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-    sweep_dir = Path(str(config.hydra.sweep.dir))
+    keys = swept(config)
     batches = BasicSweeper.split_arguments(_parse(list(config.hydra.overrides.task)), None)
     dirs = []
     for job in (job for batch in batches for job in batch):
-        name = next((o.value() for o in _parse(job) if o.key_or_group == "name"), config.get("name"))
-        dirs.append(sweep_dir / run_name(name, _dirname(job, config)))
+        values = {o.key_or_group: o.value() for o in _parse(job)}
+        root = Path(os.path.abspath(str(values.get("run_root", config.get("run_root")))))
+        dirs.append(root / run_name(values.get("name", config.get("name")), _dirname(job, config), keys))
     return list(dict.fromkeys(dirs))
 
 
-# --- the report callback -------------------------------------------------------------------------------
+JOBS_FILE = "jobs.txt"
+
+
+def read_jobs(sweep_dir: Path) -> list[Path] | None:
+    """The job directories listed in ``<sweep_dir>/jobs.txt`` (None when it has none: not a sweep folder)."""
+    path = Path(sweep_dir) / JOBS_FILE
+    if not path.is_file():
+        return None
+    return [(Path(sweep_dir) / line).resolve() for line in path.read_text().splitlines() if line.strip()]
+
+
+def report_root(run_dirs: Sequence[Path]) -> Path:
+    """The directory the report shows job paths relative to: their run_root."""
+    parents = {Path(d).parent for d in run_dirs}
+    return parents.pop() if len(parents) == 1 else Path(os.path.commonpath([str(d) for d in run_dirs]))
+
+
+# --- the sweep's folder and report --------------------------------------------------------------------------
 
 def write_sweep_report(run_dirs: Sequence[Path], root: Path, out_dir: Path) -> Path:
     """report.md / report.csv / figures/ over exactly ``run_dirs`` (paths shown relative to ``root``)."""
@@ -89,22 +112,34 @@ def write_sweep_report(run_dirs: Sequence[Path], root: Path, out_dir: Path) -> P
 
 
 class SweepReport(Callback):
-    """Names the sweep for W&B grouping; writes ``<hydra.sweep.dir>/sweeps/<sweep>/report.md`` when it ends."""
+    """Names the sweep (W&B group; swept keys first in job names) and lists its jobs in its folder
+    ``hydra.sweep.dir`` (``<run_root>/sweeps/<sweep>/``); writes report.md there when the sweep ends."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        os.environ[SWEEP_ENV] = sweep_name(config)  # inherited by jobs, their DDP ranks and SLURM jobs
+        from ..utils.io import atomic_write_text
+
+        # Inherited by the jobs, their DDP ranks and SLURM jobs.
+        os.environ[SWEEP_ENV] = sweep_name(config)
+        os.environ[SWEPT_ENV] = json.dumps(swept(config))
+        folder = Path(str(config.hydra.sweep.dir))  # resolves to <run_root>/sweeps/<sweep_dir_name()>
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / JOBS_FILE, "".join(f"{os.path.relpath(d, folder.resolve())}\n"
+                                                      for d in job_run_dirs(config)))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        root = Path(str(config.hydra.sweep.dir))
-        dirs = [d for d in job_run_dirs(config) if (d / "run.json").is_file()]
-        out_dir = root / "sweeps" / run_name(sweep_name(config))
-        if not dirs:
-            print(f"robustdiff: sweep {sweep_name(config)}: no job wrote a run directory; no report")
-            return
-        md = write_sweep_report(dirs, root, out_dir)
-        unfinished = [d.name for d in dirs if not _finished(d)]
-        print(f"robustdiff: sweep report ({len(dirs)} runs{f', {len(unfinished)} unfinished' if unfinished else ''}): "
-              f"{md}")
+        try:
+            folder = Path(str(config.hydra.sweep.dir))
+            dirs = [d for d in read_jobs(folder) or [] if (d / "run.json").is_file()]
+            if not dirs:
+                print(f"robustdiff: sweep {sweep_name(config)}: no job wrote a run directory; no report")
+                return
+            md = write_sweep_report(dirs, report_root(dirs), folder)
+            unfinished = [d.name for d in dirs if not _finished(d)]
+            print(f"robustdiff: sweep report ({len(dirs)} runs{f', {len(unfinished)} unfinished' if unfinished else ''}): "
+                  f"{md}")
+        finally:
+            for key in (SWEEP_ENV, SWEPT_ENV):  # a later run in this process is no sweep job
+                os.environ.pop(key, None)
 
 
 def _finished(run_dir: Path) -> bool:

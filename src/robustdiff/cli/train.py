@@ -10,42 +10,28 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..data.datasets import DatasetError
-from ..data.store import StoreError
-from ..training.callbacks import CheckpointFileError
-from ..training.run import ConfigError, train
-from ..utils.lock import DirectoryLockedError
-from .sweep import ddp_job, own_job_argv, requeue_slurm_job
+from ..utils.extras import missing_extra
+from .hydra_conf import CONF_DIR, CONFIG_PATH, remove_unused_run_dir  # noqa: F401  (CONF_DIR: for callers that compose configs)
+from .sweep import own_job_argv
 
 
-def project_root() -> Path:
-    """The checkout holding conf/ and experiments/ (robustdiff is installed editable from it)."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "conf" / "train.yaml").is_file():
-            return parent
-    raise FileNotFoundError(f"robustdiff: cannot find conf/train.yaml above {here}; install with `make install`")
-
-
-CONF_DIR = str(project_root() / "conf")
-EXPERIMENTS_DIR = project_root() / "experiments"
-
-
-def with_searchpath(argv: list[str]) -> list[str]:
-    """Let Hydra find the named recipes in experiments/ as the `experiment` config group."""
-    if any(a.startswith("hydra.searchpath") for a in argv):
-        return argv
-    return [*argv, f"hydra.searchpath=[file://{EXPERIMENTS_DIR}]"]
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    # Imported here, not at the top: --help, --cfg, --info and completion need none of torch/Lightning.
+    from ..data.datasets import DatasetError
+    from ..data.store import StoreError
+    from ..training.callbacks import CheckpointFileError
+    from ..training.run import ConfigError, train
+    from ..utils.lock import DirectoryLockedError
+    from .sweep import ddp_job, requeue_slurm_job
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         with ddp_job():  # under -m: DDP ranks run this job only
             summary = train(cfg, run_dir)
     except (ConfigError, DirectoryLockedError, StoreError, DatasetError, CheckpointFileError) as e:
         print(f"robustdiff-train: error: {e}", file=sys.stderr)
+        remove_unused_run_dir(run_dir)  # a rejected config leaves no run directory behind
         sys.exit(2)
     except OSError as e:
         if e.errno != errno.ENOSPC:
@@ -59,7 +45,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    sys.argv = [sys.argv[0], *own_job_argv(with_searchpath(sys.argv[1:]))]
+    if any(a.startswith("hydra/launcher=slurm") for a in sys.argv[1:]) and (
+            missing := missing_extra("hydra_plugins.hydra_submitit_launcher", "hydra/launcher=slurm")):
+        sys.exit(f"robustdiff-train: error: {missing}")
+    sys.argv = [sys.argv[0], *own_job_argv(sys.argv[1:])]  # DDP ranks of a sweep job: that job only
     _hydra_main()
 
 

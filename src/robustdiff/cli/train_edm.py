@@ -14,24 +14,28 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..data.datasets import DatasetError
-from ..data.store import StoreError
-from ..training.callbacks import CheckpointFileError
-from ..training.diffusion import train_edm
-from ..training.run import ConfigError
-from ..utils.lock import DirectoryLockedError
-from .sweep import ddp_job, own_job_argv
-from .train import CONF_DIR, with_searchpath
+from .hydra_conf import CONFIG_PATH, remove_unused_run_dir
+from .sweep import own_job_argv
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_edm")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train_edm")
 def _hydra_main(cfg: DictConfig) -> None:
+    # Imported here, not at the top: --help, --cfg, --info and completion need none of torch/Lightning.
+    from ..data.datasets import DatasetError
+    from ..data.store import StoreError
+    from ..training.callbacks import CheckpointFileError
+    from ..training.diffusion import train_edm
+    from ..training.run import ConfigError
+    from ..utils.lock import DirectoryLockedError
+    from .sweep import ddp_job
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         with ddp_job():  # under -m: DDP ranks run this job only
             summary = train_edm(cfg, run_dir)
     except (ConfigError, DirectoryLockedError, StoreError, DatasetError, CheckpointFileError) as e:
         print(f"robustdiff-edm: error: {e}", file=sys.stderr)
+        remove_unused_run_dir(run_dir)  # a rejected config leaves no run directory behind
         sys.exit(2)
     except OSError as e:
         if e.errno != errno.ENOSPC:
@@ -43,7 +47,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    sys.argv = [sys.argv[0], *own_job_argv(with_searchpath(sys.argv[1:]))]
+    sys.argv = [sys.argv[0], *own_job_argv(sys.argv[1:])]  # DDP ranks of a sweep job: that job only
     _hydra_main()
 
 

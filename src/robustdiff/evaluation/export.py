@@ -31,13 +31,6 @@ from .robustness import check_eps, format_count, format_eps
 
 ANCHOR = "init_conv.weight"
 WEIGHTS = ("ema", "live")
-PAPER = {
-    "link": "https://arxiv.org/abs/2302.04638",
-    "name": "Better Diffusion Models Further Improve Adversarial Training",
-    "authors": "Zekai Wang, Tianyu Pang, Chao Du, Min Lin, Weiwei Liu, Shuicheng Yan",
-    "venue": "ICML 2023",
-}
-
 
 class CheckpointError(ValueError):
     """A checkpoint that is not a WideResNet state dict, or does not fit the dataset."""
@@ -209,21 +202,22 @@ def model_card(
 ) -> dict[str, Any]:
     """A RobustBench model-info card. Accuracies are fractions in [0, 1] here, written as '%.2f' percent.
 
-    ``reported`` defaults to ``autoattack_acc``; name/link/authors/venue default to the method's paper
-    — replace them with your own when you submit your model.
+    ``reported`` defaults to ``autoattack_acc``. name/link/authors/venue describe *your* model: they are
+    what you pass (None leaves the field empty; RobustBench needs them filled for a submission), never the
+    paper whose method trained it.
     """
     eps = check_eps(norm, eps)
     arch = architecture.robustbench_name if isinstance(architecture, Architecture) else architecture
     footnote = (f"It uses additional {format_count(n_generated)} synthetic images in training."
                 if n_generated else None)
     return {
-        "link": link or PAPER["link"],
-        "name": name or PAPER["name"],
-        "authors": authors or PAPER["authors"],
+        "link": link,
+        "name": name,
+        "authors": authors,
         "additional_data": False,  # RobustBench counts generated images as no additional data (see footnote)
         "number_forward_passes": 1,
         "dataset": dataset,
-        "venue": venue or PAPER["venue"],
+        "venue": venue,
         "architecture": arch,
         "eps": format_eps(eps),
         "clean_acc": _pct(clean_acc),

@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,11 @@ from ..adversarial.trades import AttackConfig
 from ..data.datamodule import RobustDataModule
 from ..data.datasets import get_info
 from ..models.wrn import WideResNet
+from ..utils.extras import missing_extra
 from ..utils.hardware import COMPILE_CHOICES, COMPILE_MODES, resolve_precision
 from ..utils.io import atomic_write_json, atomic_write_text, remove_orphan_temporaries
 from ..utils.lock import DirectoryLock
+from ..utils.naming import SWEEP_ENV, run_name  # noqa: F401  (run_name: re-exported; importing registers rd_run_name)
 from .adversarial import AdversarialTraining
 from .callbacks import AtomicCheckpointIO, RunCheckpoint, fmt_acc, republish
 
@@ -79,22 +80,6 @@ def parse_number(value: Any, field: str) -> float:
         return parse_fraction(value)
     except ValueError as e:
         raise ConfigError(f"{field}={value!r} is not a number (write e.g. 0.0314 or 8/255)") from e
-
-
-def run_name(name: str | None, override_dirname: str = "") -> str:
-    """Deterministic run-directory name: the given name, else the overrides, else 'default'.
-
-    Overrides are joined as ``key:value__key:value`` (conf: hydra.job.config.override_dirname): no '='
-    or ',', so the directory can itself be passed back as a Hydra override value (generated=..., network=...).
-    """
-    raw = name if name not in (None, "", "None", "null") else (override_dirname or "default")
-    safe = re.sub(r"[^A-Za-z0-9:.+_@-]+", "_", str(raw)).strip("._") or "default"
-    if len(safe) > 120:
-        safe = f"{safe[:100]}-{hashlib.sha1(safe.encode()).hexdigest()[:10]}"
-    return safe
-
-
-OmegaConf.register_new_resolver("rd_run_name", lambda name, overrides="": run_name(name, overrides), replace=True)
 
 
 def attack_config(norm: DictConfig) -> AttackConfig:
@@ -238,11 +223,6 @@ def check_resume(run_dir: Path, desc: dict[str, Any], fields: tuple[str, ...] = 
                           f"only {', '.join(resumable)} may change when a run resumes.")
 
 
-# Set by the sweep callback (cli/sweep.py) under `robustdiff-train -m`: the sweep's name, which becomes the
-# W&B group of its runs unless logger.group is given.
-SWEEP_ENV = "ROBUSTDIFF_SWEEP"
-
-
 def build_logger(cfg: DictConfig, run_dir: Path, name: str):
     kind = cfg.logger.name
     if kind == "none":
@@ -251,6 +231,8 @@ def build_logger(cfg: DictConfig, run_dir: Path, name: str):
         # csv/version_<k>/metrics.csv: a resumed run starts a new version rather than overwriting the old log.
         return pl.loggers.CSVLogger(save_dir=str(run_dir), name="csv")
     if kind == "wandb":
+        if missing := missing_extra("wandb", "logger=wandb"):
+            raise ConfigError(missing)
         mode = cfg.logger.get("mode", "auto")
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") or _wandb_logged_in() else "offline"
