@@ -2,7 +2,8 @@
 
     robustdiff-report PATH [--out DIR] [--wandb-project P [--wandb-entity E]]
 
-Writes report.md, report.csv and figures/<run>.png into DIR (default PATH).
+Writes report.md, report.csv and figures/<run>.png (with two or more TRADES runs also figures/_sweep.png; with
+EDM runs figures/_edm-loss.png) into DIR (default PATH).
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.wandb_project:
         import wandb
 
+        from ..training.logging import resolve_mode
+
         wandb_run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, job_type="report",
+                               mode=resolve_mode("auto"),
                                name=f"report-{args.path.resolve().name}")
     try:
         rows = write_report(args.path, args.out, wandb_run=wandb_run)
