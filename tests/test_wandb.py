@@ -132,3 +132,26 @@ def test_edm_run_job_type_samples_and_network_artifact(tmp_path, offline):
     (artifact,) = rec["artifacts"]
     assert artifact["type"] == "model" and artifact["files"] == {"network.pt": (run / "network.pt").stat().st_size}
     assert torch.load(run / "network.pt", weights_only=True)["kwargs"]["label_dim"] == 10
+
+
+def test_examples_leave_the_math_alone_and_a_resumed_run_continues_its_wandb_run(tmp_path, offline):
+    """2 epochs without W&B == 2 epochs with W&B (examples attacked every epoch), stopped mid-epoch 2 and
+    resumed; the resumed job logs into the same W&B run."""
+    tiny = [o for o in TINY if not o.startswith("logger=")]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(compose_train(*tiny, "epochs=2", "eval.test_every=1", "logger=none"), straight)
+    with_wandb = (*tiny, "epochs=2", "eval.test_every=1", "logger=wandb")
+    assert train(compose_train(*with_wandb, "interrupt_after_steps=12"), resumed).get("interrupted")  # 8 steps/epoch
+    assert train(compose_train(*with_wandb), resumed)["finished"]
+
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((straight / "history.json").read_text()) == json.loads((resumed / "history.json").read_text())
+
+    first, second = (read_run(d) for d in offline_runs(resumed))
+    assert first["run"]["id"] == second["run"]["id"] == read_record(resumed)["id"]
+    assert [r["best/epoch"] for r in first["history"] if "best/epoch" in r] == [1]
+    assert [r["best/epoch"] for r in second["history"] if "best/epoch" in r] == [second["summary"]["best/epoch"]]
+    assert not first["artifacts"] and len(second["artifacts"]) == 1  # the model once the run has finished
+    assert sorted(p.name for p in (resumed / "examples").iterdir()) == ["adversarial-0001.png", "adversarial-0002.png"]
