@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if wandb_run is not None:
             wandb_run.finish()
     out = args.out or args.path
-    log.info("%d run(s); wrote %s, %s and figures/", len(rows), out / "report.md", out / "report.csv")
+    log.info("%d TRADES run(s); wrote %s, %s and figures/", len(rows), out / "report.md", out / "report.csv")
     return 0
 
 

@@ -348,7 +348,9 @@ def plot_edm_losses(runs: Sequence[Run], out_png: str | os.PathLike) -> Path | N
         ax.plot(xs, mean, color=colour, linewidth=1.8, label=run.name)
     ax.set_xlabel("training images (kimg)")
     ax.set_ylabel("EDM loss")
-    ax.set_yscale("log")
+    low, high = min(min(ys) for _, _, ys in curves), max(max(ys) for _, _, ys in curves)
+    if low > 0 and high / low > 10:  # the first steps' loss is often orders of magnitude above the rest
+        ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="best")
     ax.set_title(wrap("EDM training loss: " + ", ".join(r.name for r, _, _ in curves), 7.5), fontsize=9)
