@@ -81,7 +81,7 @@ def test_trades_run_summary_artifact_images_and_eval_in_the_same_run(tmp_path, o
     eval_dirs = [d for d in offline_runs(run) if d != train_dir]
     assert len(eval_dirs) == 1
     rec = read_run(eval_dirs[0])
-    assert rec["run"]["id"] == read_record(run)["id"]
+    assert rec["run"]["id"] == read_record(run)["id"] and rec["run"]["job_type"] == "train"
     assert rec["summary"]["eval/clean_acc"] == evaluation["clean"]["acc"]
     assert rec["summary"]["eval/pgd_acc"] == evaluation["pgd"]["acc"] and rec["summary"]["eval/pgd_steps"] == 2
     assert rec["summary"]["eval/eps"] == pytest.approx(8 / 255) and rec["summary"]["eval/eps_text"] == "8/255"

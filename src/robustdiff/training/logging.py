@@ -116,9 +116,10 @@ def resume_run(run_dir: str | os.PathLike, **kwargs: Any):
     record = read_record(run_dir)
     if record is None:
         return None
+    # The training's group and job_type again: a resumed run's record must not blank them when it is synced.
     return wandb.init(id=record["id"], project=record.get("project"), entity=record.get("entity"),
-                      group=record.get("group"), resume="allow", dir=wandb_dir(run_dir),
-                      mode=resolve_mode(kwargs.pop("mode", None)), **kwargs)
+                      group=record.get("group"), job_type=record.get("job_type"), resume="allow",
+                      dir=wandb_dir(run_dir), mode=resolve_mode(kwargs.pop("mode", None)), **kwargs)
 
 
 class WandbRun(Checkpoint):
