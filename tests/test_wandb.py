@@ -126,6 +126,9 @@ def test_edm_run_job_type_samples_and_network_artifact(tmp_path, offline):
     run = tmp_path / "edm"
     cfg = config("edm.duration_kimg=0.064", "edm.snapshot_kimg=1", "logger=wandb")  # 4 steps, one snapshot
     assert train_edm(cfg, run)["finished"]
+    import wandb
+
+    assert wandb.run is None  # finished: the next job in this process starts a W&B run of its own
     (rec,) = [read_run(d) for d in offline_runs(run)]
     assert rec["run"]["job_type"] == "edm" and read_record(run)["id"] == rec["run"]["id"]
     assert any("samples/_type" in r for r in rec["history"])

@@ -51,6 +51,7 @@ from ..utils.io import atomic_torch_save, atomic_write_json, remove_orphan_tempo
 from ..utils.lock import DirectoryLock
 from .adversarial import step_seed
 from .callbacks import kill_point, load_checkpoint_file, stop_requested
+from .logging import finish as finish_wandb
 from .run import (
     EDM_RESUMABLE_CHANGES,
     ConfigError,
@@ -454,9 +455,12 @@ def _train_edm(cfg: DictConfig, run_dir: Path, desc: dict[str, Any]) -> dict[str
     resume = snapshot.last_path if snapshot.last_path.is_file() else None
     if resume is not None and trainer.is_global_zero:
         print(f"robustdiff-edm: resuming {run_dir} from {resume}")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # the EMA copy, on purpose
-        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # the EMA copy, on purpose
+            trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    finally:
+        finish_wandb(trainer)
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"finished": False}
     if module.interrupted:
         summary["interrupted"] = True

@@ -99,6 +99,16 @@ def wandb_logger(cfg: DictConfig, run_dir: Path, name: str, job_type: str, group
     )
 
 
+def finish(trainer: pl.Trainer) -> None:
+    """End the job's W&B run (rank 0): the summary is flushed, an offline run is ready for ``wandb sync``, and
+    the next job in this process (a sweep under Hydra's basic launcher) starts a W&B run of its own instead of
+    logging into this one."""
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            if isinstance(logger, pl.loggers.WandbLogger) and logger._experiment is not None:
+                logger.experiment.finish()
+
+
 def write_record(run_dir: Path, run: Any) -> None:
     """Record the W&B run of ``run_dir`` (its id, project, entity) in ``wandb.json``."""
     record = {"id": run.id, "project": run.project, "entity": run.entity or None, "group": run.group or None,
@@ -254,5 +264,5 @@ class WandbRun(Checkpoint):
         return {}
 
 
-__all__ = ["WandbRun", "read_record", "resolve_mode", "resume_run", "run_id", "wandb_config", "wandb_dir",
+__all__ = ["WandbRun", "finish", "read_record", "resolve_mode", "resume_run", "run_id", "wandb_config", "wandb_dir",
            "wandb_logger"]

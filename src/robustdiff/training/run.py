@@ -25,6 +25,7 @@ from ..utils.lock import DirectoryLock
 from .adversarial import AdversarialTraining
 from .callbacks import AtomicCheckpointIO, RunCheckpoint, fmt_acc, republish
 from .logging import WandbRun, wandb_logger
+from .logging import finish as finish_wandb
 
 # Our LightningModule, not the DataModule, moves batches to the device on purpose (augmentation on device).
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
@@ -342,8 +343,7 @@ def _train(cfg: DictConfig, run_dir: Path, attack: AttackConfig, info, dm: Robus
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
     finally:
-        if isinstance(trainer.logger, pl.loggers.WandbLogger) and trainer.is_global_zero:
-            trainer.logger.experiment.finish()  # flush the summary; an offline run is then ready for `wandb sync`
+        finish_wandb(trainer)
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"finished": False}
     if module.interrupted:
         summary["interrupted"] = True
