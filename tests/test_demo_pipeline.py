@@ -30,7 +30,8 @@ def test_demo_pipeline_runs_every_stage_and_resumes(tmp_path):
         assert ev["n_examples"] == 8 and 0 <= ev["autoattack"]["robust_acc"] <= ev["clean"]["acc"] <= 1
     report = (out / "report.md").read_text()
     assert result["report"] == out / "report.md" and "real" in report and "generated" in report
-    assert len(list((out / "figures").glob("*.png"))) == 2
+    # Each run's curves and the overlay of the two (the report's sweep figure).
+    assert sorted(p.name for p in (out / "figures").glob("*.png")) == ["_sweep.png", "generated.png", "real.png"]
     assert {r["run"] for r in result["rows"]} == {"real", "generated"}
     # The report says how good the generator's data is, beside the runs and in its own section.
     q = json.loads((out / "quality" / "quality.json").read_text())

@@ -469,7 +469,8 @@ def test_report_for_a_sweep(sweep, evaluated, tmp_path):
         assert (out / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (payload,) = fake.logged
     assert isinstance(payload["report/runs"], wandb.Table) and len(payload["report/runs"].data) == 2
-    assert sum(isinstance(v, wandb.Image) for v in payload.values()) == 2
+    assert sum(isinstance(v, wandb.Image) for v in payload.values()) == 3  # two runs' curves and the sweep figure
+    assert isinstance(payload["report/sweep"], wandb.Image) and (out / "figures" / "_sweep.png").is_file()
     history = load_run(root / "fmnist-a").history
     assert [r["epoch"] for r in history] == [1, 2, 3, 4] and history[0]["test_pgd_acc"] is None
 

@@ -2,12 +2,15 @@
 
     robustdiff-eval RUN_DIR_OR_CHECKPOINT [--dataset D] [--norm linf|l2] [--eps 8/255] [--n-examples N]
                     [--batch-size 128] [--attacks clean,pgd,autoattack] [--seed 0] [--data-dir DIR]
-                    [--out DIR] [--device cpu|cuda]
+                    [--out DIR] [--device cpu|cuda] [--no-wandb | --wandb-project P [--wandb-entity E]]
     robustdiff-eval export RUN_DIR_OR_CHECKPOINT --out model.pt [--card card.json] ...
 
 Settings come from the run's run.json when given a run directory; every flag given on the command
 line overrides it (never the other way round), and eval.json records where each setting came from.
 An interrupted AutoAttack resumes when the same command is run again (state under OUT/autoattack_state/).
+Results of a run that logged to W&B (logger=wandb: wandb.json in the run directory) are added to that same
+W&B run (same id, resume="allow"; WANDB_MODE and WANDB_DIR apply); a checkpoint file's go to a new run of
+job_type "eval" with --wandb-project.
 A run directory literally named "export" must be written as ./export.
 """
 
@@ -17,6 +20,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import re
 import sys
 import tempfile
@@ -98,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recorded clean accuracy (fraction or %%) to check an imported model against "
                         "(default: the run's summary.json, else the paper's number for the setting)")
     p.add_argument("--no-resume", action="store_true", help="don't keep or use AutoAttack resume state")
+    p.add_argument("--no-wandb", action="store_true",
+                   help="don't add the results to the training run's W&B run (wandb.json in the run directory)")
+    p.add_argument("--wandb-project", default=None,
+                   help="log the results to a new W&B run (job_type eval) of this project when the target has no "
+                        "W&B run of its own (a checkpoint file, a run trained without logger=wandb)")
+    p.add_argument("--wandb-entity", default=None)
     return p
 
 
@@ -323,7 +333,58 @@ def _run_evaluation(args: argparse.Namespace, s: dict[str, Any], sources: dict[s
     results["paper"] = paper_result_dict(paper)
     json_path, md_path = write_eval_results(out, results)
     log.info("wrote %s and %s", json_path, md_path)
+    log_to_wandb(args, s, results)
     return results
+
+
+def wandb_metrics(results: dict[str, Any]) -> dict[str, Any]:
+    """eval.json's numbers as W&B keys (``eval/...``): accuracies as fractions, ε as a number and as text."""
+    from ..evaluation.robustness import format_eps
+
+    s = results["settings"]
+    out: dict[str, Any] = {"eval/n_examples": results["n_examples"], "eval/eps": float(s["eps"]),
+                           "eval/eps_text": format_eps(s["eps"]), "eval/norm": s["norm"]}
+    if results.get("clean"):
+        out["eval/clean_acc"] = results["clean"]["acc"]
+    if results.get("pgd"):
+        out.update({"eval/pgd_acc": results["pgd"]["acc"], "eval/pgd_steps": s["pgd_steps"],
+                    "eval/pgd_loss": s["pgd_loss"], "eval/pgd_step": float(s["step"])})
+    aa = results.get("autoattack")
+    if aa:
+        out.update({"eval/autoattack_acc": aa["robust_acc"], "eval/autoattack_version": aa["version"],
+                    "eval/autoattack_attacks": ",".join(s["aa_attacks"])})
+    return out
+
+
+def log_to_wandb(args: argparse.Namespace, settings: dict[str, Any], results: dict[str, Any]) -> None:
+    """Add the results to the run directory's W&B run (the training's: same id), else, with --wandb-project, to a
+    new run of job_type eval. A W&B failure is reported, never fatal: eval.json is already written."""
+    if args.no_wandb:
+        return
+    from ..training.logging import resolve_mode, resume_run
+
+    try:
+        if args.target.is_dir():
+            run = resume_run(args.target)
+        else:
+            run = None
+        if run is None and args.wandb_project:
+            import wandb
+
+            run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, job_type="eval",
+                             name=f"eval-{settings['name']}", mode=resolve_mode("auto"),
+                             dir=os.environ.get("WANDB_DIR") or str(output_dir(args)),
+                             config={"target": str(args.target), **{k: v for k, v in settings.items()
+                                                                     if isinstance(v, (int, float, str))}})
+        if run is None:
+            return
+        metrics = wandb_metrics(results)
+        run.log(metrics)
+        run.summary.update(metrics)
+        log.info("added the results to W&B run %s (%s)", run.id, run.project)
+        run.finish()
+    except Exception as e:  # noqa: BLE001 (any W&B error: the results are safe in eval.json)
+        log.warning("could not log the results to W&B (%s: %s); they are in eval.json", type(e).__name__, e)
 
 
 # --- export ------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
     robustdiff-report PATH [--out DIR] [--wandb-project P [--wandb-entity E]]
 
-Writes report.md, report.csv and figures/<run>.png into DIR (default PATH).
+Writes report.md, report.csv and figures/<run>.png (with two or more TRADES runs also figures/_sweep.png; with
+EDM runs figures/_edm-loss.png) into DIR (default PATH).
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"robustdiff-report: {missing}")
         import wandb
 
+        from ..training.logging import resolve_mode
+
         wandb_run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, job_type="report",
+                               mode=resolve_mode("auto"),
                                name=f"report-{args.path.resolve().name}")
     try:
         jobs = read_jobs(args.path)  # a sweep's folder: its own jobs, which live in <run_root>/<job>
@@ -60,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if wandb_run is not None:
             wandb_run.finish()
     out = args.out or args.path
-    log.info("%d run(s); wrote %s, %s and figures/", len(rows), out / "report.md", out / "report.csv")
+    log.info("%d TRADES run(s); wrote %s, %s and figures/", len(rows), out / "report.md", out / "report.csv")
     return 0
 
 

@@ -1,8 +1,13 @@
 """Reports over training runs: training curves (the robust-overfitting view) and a comparison table.
 
 A run directory is any directory holding ``run.json`` (written by robustdiff-train, with
-``history.json``/``history.csv``, ``summary.json`` and, after robustdiff-eval, ``eval.json``). A
-sweep is any directory with run directories somewhere below it.
+``history.json``/``history.csv``, ``summary.json`` and, after robustdiff-eval, ``eval.json``; or by
+robustdiff-edm, with ``samples/grid-<kimg>.png`` and, with ``logger=csv``, the training loss in
+``csv/version_<k>/metrics.csv``). A sweep is any directory with run directories somewhere below it.
+
+The report has the TRADES table, a sweep figure (validation and test PGD per epoch, one line per run,
+labelled by the settings that differ between the runs), each run's training curves, and a section for
+EDM runs (their latest sample grid and training loss).
 
 Accuracies are fractions in the run files; tables and plots show percentages.
 """
@@ -15,6 +20,7 @@ import json
 import math
 import os
 import re
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +73,16 @@ class Run:
     @property
     def name(self) -> str:
         return str(self.config.get("name") or self.path.name)
+
+    @property
+    def is_edm(self) -> bool:
+        """An EDM (generator) run of robustdiff-edm rather than a TRADES run."""
+        return is_edm_config(self.config)
+
+
+def is_edm_config(config: dict[str, Any]) -> bool:
+    """run.json of robustdiff-edm: it describes a network (preset and constructor kwargs), not a threat model."""
+    return "kwargs" in config and "network" in config and "norm" not in config
 
 
 def find_runs(path: str | os.PathLike) -> list[Path]:
@@ -146,15 +162,35 @@ def _title(run: Run) -> str:
             f"{format_count(c.get('n_generated'))} generated")
 
 
-def plot_training_curves(run: Run, out_png: str | os.PathLike) -> Path:
-    """Clean test accuracy, validation and test PGD accuracy per epoch, best epoch marked. Writes a PNG."""
+def wrap(title: str, fig_width_in: float, fontsize: float = 9) -> str:
+    """``title`` broken into lines that fit a figure ``fig_width_in`` inches wide (≈ 0.55·fontsize pt a
+    character), so that long titles are never clipped."""
+    chars = max(20, int(fig_width_in * 72 / (0.55 * fontsize)) - 4)
+    return "\n".join(textwrap.wrap(title, chars, break_long_words=True, break_on_hyphens=False)) or title
+
+
+def _figure(width: float, height: float, ncols: int = 1):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+
+
+def _save(fig, out_png: str | os.PathLike) -> Path:
+    fig.tight_layout()
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return out_png
+
+
+def plot_training_curves(run: Run, out_png: str | os.PathLike) -> Path:
+    """Clean test accuracy, validation and test PGD accuracy per epoch, best epoch marked. Writes a PNG."""
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(7.5, 4.2), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, (ax,) = _figure(7.5, 4.2)
     pgd = f"PGD-{pgd_steps(run)}" if pgd_steps(run) else "PGD"
     styles = (("test_clean_acc", "clean (test)", "tab:blue", "-", None),
               ("val_pgd_acc", f"{pgd} (validation)", "tab:red", "-", None),
@@ -180,15 +216,168 @@ def plot_training_curves(run: Run, out_png: str | os.PathLike) -> Path:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(_title(run), fontsize=9)
+    ax.set_title(wrap(_title(run), 7.5), fontsize=9)
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8, loc="best")
+    return _save(fig, out_png)
+
+
+# --- sweeps ------------------------------------------------------------------------------------------
+
+# run.json fields that tell runs apart when they predate run.json's "identity" (flat config without the keys
+# that may change on resume).
+_LEGACY_IDENTITY = ("dataset", "model", "norm", "loss", "generated", "ratio", "generated_sampling", "epochs",
+                    "batch_size", "lr", "beta", "seed", "limit_train", "val_size")
+_NOISE = ("name", "data_dir", "generated_quality")  # never the point of a sweep
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(config.get("identity"), dict):
+        return dict(config["identity"])
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}")
+        else:
+            flat[prefix] = node
+
+    for key in _LEGACY_IDENTITY:
+        walk(config.get(key), key)
+    return flat
+
+
+def swept_settings(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
+    """{run path: {setting: value}} of the settings that differ between ``runs`` (what a sweep varied), from
+    run.json's identity."""
+    flats = {str(r.path): {k: v for k, v in _flat(r.config).items() if k.split(".")[0] not in _NOISE} for r in runs}
+    keys = sorted({k for f in flats.values() for k in f})
+    varied = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats.values()}) > 1]
+    return {path: {k: f.get(k) for k in varied} for path, f in flats.items()}
+
+
+def _legend(settings: dict[str, Any], fallback: str) -> str:
+    def short(key: str, v: Any) -> str:
+        if isinstance(v, float):
+            text = format_eps(v) if key.split(".")[-1] in ("eps", "step") else f"{v:g}"
+        else:
+            text = str(v)
+        return text if len(text) <= 24 else "…" + text[-23:]  # a store's path: its last part tells them apart
+
+    parts = [f"{k}={short(k, v)}" for k, v in settings.items()]
+    return ", ".join(parts) if parts else fallback
+
+
+def plot_sweep(runs: Sequence[Run], out_png: str | os.PathLike, title: str = "") -> Path:
+    """Validation PGD (left) and test PGD (right) accuracy per epoch, one line per run (same colour in both
+    panels), labelled by the swept settings; ★ marks each run's best epoch. Writes a PNG."""
+    from matplotlib.ticker import MaxNLocator
+
+    settings = swept_settings(runs)
+    fig, axes = _figure(11, 4.6, ncols=2)
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+    for run, colour in zip(runs, colours):
+        label = _legend(settings[str(run.path)], run.name)
+        xs, ys = _series(run.history, "val_pgd_acc")
+        axes[0].plot(xs, ys, color=colour, label=label, marker=".", markersize=4)
+        best = (run.summary or {}).get("best_epoch")
+        if best in xs:
+            axes[0].plot([best], [ys[xs.index(best)]], marker="*", color=colour, markersize=11, linestyle="none")
+        xs, ys = _series(run.history, "test_pgd_acc")
+        axes[1].plot(xs, ys, color=colour, label=label, marker="o", markersize=4)
+    steps = {pgd_steps(r) for r in runs}
+    pgd = f"PGD-{steps.pop()}" if len(steps) == 1 and None not in steps else "PGD"
+    for ax, split in zip(axes, ("validation", "test")):
+        ax.set_title(f"{pgd} accuracy ({split})", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.suptitle(wrap(title or f"sweep of {len(runs)} runs", 11, 10), fontsize=10)
     fig.tight_layout()
+    if handles:  # below the panels, in as many columns as fit: long labels never cover the curves
+        ncol = max(1, min(len(handles), int(11 * 72 / (0.55 * 8) // max(len(t) + 6 for t in labels))))
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+        rows = -(-len(handles) // ncol)
+        fig.subplots_adjust(bottom=0.12 + 0.05 * rows)
     out_png = Path(out_png)
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
     return out_png
+
+
+# --- EDM runs ----------------------------------------------------------------------------------------
+
+def edm_losses(run_dir: str | os.PathLike) -> tuple[list[float], list[float]]:
+    """(kimg, training loss) per logged step from ``csv/version_*/metrics.csv`` (logger=csv; a resumed run adds
+    a version), sorted by kimg, later versions winning; empty without a CSV log."""
+    by_kimg: dict[float, float] = {}
+    versions = sorted(Path(run_dir).glob("csv/version_*/metrics.csv"),
+                      key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0))
+    for path in versions:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                loss, kimg = _cell(row.get("train/loss") or ""), _cell(row.get("kimg") or "")
+                if isinstance(loss, (int, float)) and isinstance(kimg, (int, float)):
+                    by_kimg[float(kimg)] = float(loss)
+    kimgs = sorted(by_kimg)
+    return kimgs, [by_kimg[k] for k in kimgs]
+
+
+def sample_grids(run_dir: str | os.PathLike) -> list[Path]:
+    """``samples/grid-<kimg>.png`` of an EDM run, oldest first (the names are zero-padded, so they sort)."""
+    return sorted(Path(run_dir).glob("samples/grid-*.png"))
+
+
+def plot_edm_losses(runs: Sequence[Run], out_png: str | os.PathLike) -> Path | None:
+    """Training loss vs kimg, one line per EDM run (thin: per logged step; thick: running mean over ~5 % of the
+    run). None when no run has a CSV log."""
+    curves = [(run, *edm_losses(run.path)) for run in runs]
+    curves = [c for c in curves if c[1]]
+    if not curves:
+        return None
+    fig, (ax,) = _figure(7.5, 4.2)
+    for i, (run, xs, ys) in enumerate(curves):
+        colour = f"C{i % 10}"
+        ax.plot(xs, ys, color=colour, alpha=0.3, linewidth=0.8)
+        k = max(1, len(ys) // 20)
+        mean = [sum(ys[max(0, j - k + 1):j + 1]) / len(ys[max(0, j - k + 1):j + 1]) for j in range(len(ys))]
+        ax.plot(xs, mean, color=colour, linewidth=1.8, label=run.name)
+    ax.set_xlabel("training images (kimg)")
+    ax.set_ylabel("EDM loss")
+    low, high = min(min(ys) for _, _, ys in curves), max(max(ys) for _, _, ys in curves)
+    if low > 0 and high / low > 10:  # the first steps' loss is often orders of magnitude above the rest
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(wrap("EDM training loss: " + ", ".join(r.name for r, _, _ in curves), 7.5), fontsize=9)
+    return _save(fig, out_png)
+
+
+def edm_row(run: Run, root: Path | None = None) -> dict[str, Any]:
+    """One row of the EDM table: the network, how far training got, the last logged loss, the latest grid."""
+    c, s = run.config, run.summary or {}
+    kimgs, losses = edm_losses(run.path)
+    grids = sample_grids(run.path)
+    label_dim = c.get("label_dim")
+    return {
+        "run": run.name, "path": _relpath(run.path, root), "dataset": c.get("dataset"),
+        "resolution": c.get("resolution"), "network": c.get("network"),
+        "conditional": None if label_dim is None else bool(label_dim), "batch_size": c.get("batch_size"),
+        "kimg": s.get("kimg"), "duration_kimg": c.get("duration_kimg"), "steps": s.get("steps"),
+        "loss_last": round(losses[-1], 4) if losses else None, "finished": s.get("finished"),
+        "grid": grids[-1] if grids else None,
+    }
+
+
+EDM_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("run", "run"), ("dataset", "dataset"), ("resolution", "resolution"), ("network", "network"),
+    ("conditional", "conditional"), ("batch_size", "batch"), ("kimg", "kimg"), ("duration_kimg", "of kimg"),
+    ("loss_last", "last loss"), ("finished", "finished"),
+)
 
 
 # --- table -------------------------------------------------------------------------------------------
@@ -303,28 +492,53 @@ def _fmt(key: str, v: Any) -> str:
     return str(v)
 
 
-def render_markdown(rows: Sequence[dict[str, Any]], figures: dict[str, str], title: str) -> str:
-    intro = (f"{len(rows)} run(s). Accuracies in %. *best* = the checkpoint with the best validation PGD "
-             "(model.pt; *PGD steps* = the attack's steps during training), *last* = the final epoch; eval and AutoAttack columns come from eval.json (best "
-             "checkpoint; see *eval points* for how many test images). *generated FD*: the generated data's FID, or "
-             "(clf) its classifier FD, with the classifier's label agreement (robustdiff-fid score). Paper columns: Wang et al. (ICML 2023) "
-             "for the same dataset, norm, model and amount of generated data, when published.")
-    lines = [f"# {title}", "", intro, ""]
-    lines.append("| " + " | ".join(h for _, h in COLUMNS) + " |")
-    lines.append("|" + "---|" * len(COLUMNS))
-    for r in rows:
-        cells = []
-        for key, _ in COLUMNS:
-            cell = _fmt(key, r.get(key))
-            if key == "autoattack" and r.get("autoattack") is not None and r.get("autoattack_version") != "standard":
-                cell += " (subset)"
-            cells.append(cell.replace("|", "\\|"))
-        lines.append("| " + " | ".join(cells) + " |")
+def render_markdown(rows: Sequence[dict[str, Any]], figures: dict[str, str], title: str, *,
+                    sweep_figure: str | None = None, edm_rows: Sequence[dict[str, Any]] = (),
+                    edm_loss_figure: str | None = None) -> str:
+    """report.md: the TRADES table, the sweep figure, each run's curves, the EDM section, the warnings. Figure
+    paths are relative to the report; ``edm_rows[i]["grid"]`` too."""
+    lines = [f"# {title}", ""]
+    if rows:
+        lines += [f"{len(rows)} TRADES run(s). Accuracies in %. *best* = the checkpoint with the best validation PGD "
+                  "(model.pt; *PGD steps* = the attack's steps during training), *last* = the final epoch; eval and "
+                  "AutoAttack columns come from eval.json (best checkpoint; see *eval points* for how many test "
+                  "images). *generated FD*: the generated data's FID, or (clf) its classifier FD, with the "
+                  "classifier's label agreement (robustdiff-fid score). Paper columns: Wang et al. (ICML 2023) for "
+                  "the same dataset, norm, model and amount of generated data, when published.", ""]
+        lines.append("| " + " | ".join(h for _, h in COLUMNS) + " |")
+        lines.append("|" + "---|" * len(COLUMNS))
+        for r in rows:
+            cells = []
+            for key, _ in COLUMNS:
+                cell = _fmt(key, r.get(key))
+                if key == "autoattack" and r.get("autoattack") is not None and r.get("autoattack_version") != "standard":
+                    cell += " (subset)"
+                cells.append(cell.replace("|", "\\|"))
+            lines.append("| " + " | ".join(cells) + " |")
+    if sweep_figure:
+        lines += ["", "## Sweep", "", "Validation and test PGD accuracy per epoch, one line per run, labelled by the "
+                  "settings that differ between the runs (★: each run's best epoch).", "",
+                  f"![sweep]({sweep_figure})", ""]
     if figures:
         lines += ["", "## Training curves", ""]
         for r in rows:
             if r["path"] in figures:
                 lines += [f"### {r['run']}", "", f"![{r['run']}]({figures[r['path']]})", ""]
+    if edm_rows:
+        lines += ["", "## EDM runs", "", f"{len(edm_rows)} generator run(s) (robustdiff-edm). *kimg*: thousands of "
+                  "training images seen; *last loss*: the last logged training loss (logger=csv). Sample grids: the "
+                  "EMA network at the latest snapshot, one row per class.", ""]
+        lines.append("| " + " | ".join(h for _, h in EDM_COLUMNS) + " |")
+        lines.append("|" + "---|" * len(EDM_COLUMNS))
+        for r in edm_rows:
+            lines.append("| " + " | ".join(_fmt(k, r.get(k)).replace("|", "\\|") for k, _ in EDM_COLUMNS) + " |")
+        if edm_loss_figure:
+            lines += ["", f"![EDM training loss]({edm_loss_figure})"]
+        for r in edm_rows:
+            lines += ["", f"### {r['run']}", ""]
+            lines.append(f"![{r['run']} samples]({r['grid']})" if r.get("grid") else "no sample grid yet")
+            if r.get("loss_last") is None:
+                lines += ["", "no training loss recorded (logged with logger=csv)"]
     notes = [(r["run"], w) for r in rows for w in r["warnings"]]
     if notes:
         lines += ["", "## Warnings", ""] + [f"- **{name}**: {w}" for name, w in notes]
@@ -350,8 +564,9 @@ def write_report(path: str | os.PathLike, out_dir: str | os.PathLike | None = No
                  title: str | None = None) -> list[dict[str, Any]]:
     """Report on one run or a sweep: ``report.md``, ``report.csv`` and ``figures/<run>.png`` in ``out_dir``
     (default: ``path``). ``runs``: exactly these run directories (paths shown relative to ``path``) instead of
-    every run found below ``path``. With ``wandb_run`` (a wandb Run), also logs the table and the curves.
-    Returns the rows.
+    every run found below ``path``. With two or more TRADES runs, ``figures/_sweep.png`` overlays them; EDM runs
+    get their own section (``figures/_edm-loss.png`` and their latest sample grids). With ``wandb_run`` (a wandb
+    Run), also logs the table and the figures. Returns the TRADES rows.
     """
     root = Path(path)
     out_dir = Path(out_dir) if out_dir is not None else root
@@ -361,7 +576,8 @@ def write_report(path: str | os.PathLike, out_dir: str | os.PathLike | None = No
             runs_ok.append(load_run(d))
         except (OSError, ValueError) as e:  # one damaged run must not hide the others
             skipped.append(f"{d}: skipped — {e}")
-    runs = runs_ok
+    edm_runs = [r for r in runs_ok if r.is_edm]
+    runs = [r for r in runs_ok if not r.is_edm]
     rows = table_rows(runs, root)
     figures: dict[str, str] = {}
     for run in runs:
@@ -370,7 +586,19 @@ def write_report(path: str | os.PathLike, out_dir: str | os.PathLike | None = No
             png = out_dir / "figures" / f"{_slug(key)}.png"
             plot_training_curves(run, png)
             figures[key] = os.path.relpath(png, out_dir)
-    text = render_markdown(rows, figures, title or f"robustdiff report: {root}")
+    # Figure names of the whole report start with "_", which no run's (_slug-ed) name does.
+    sweep_png = None
+    curves = [r for r in runs if r.history]
+    if len(curves) >= 2:
+        sweep_png = plot_sweep(curves, out_dir / "figures" / "_sweep.png", title=title or f"sweep: {root}")
+    edm_rows = [edm_row(r, root) for r in edm_runs]
+    for r in edm_rows:
+        if r["grid"] is not None:
+            r["grid"] = os.path.relpath(r["grid"], out_dir)
+    edm_png = plot_edm_losses(edm_runs, out_dir / "figures" / "_edm-loss.png") if edm_runs else None
+    text = render_markdown(rows, figures, title or f"robustdiff report: {root}",
+                           sweep_figure=os.path.relpath(sweep_png, out_dir) if sweep_png else None,
+                           edm_rows=edm_rows, edm_loss_figure=os.path.relpath(edm_png, out_dir) if edm_png else None)
     if skipped:
         text += "\n## Skipped runs\n\n" + "".join(f"- {line}\n" for line in skipped)
         for line in skipped:
@@ -385,5 +613,12 @@ def write_report(path: str | os.PathLike, out_dir: str | os.PathLike | None = No
         payload: dict[str, Any] = {"report/runs": table}
         for key, rel in figures.items():
             payload[f"report/curves/{_slug(key)}"] = wandb.Image(str(out_dir / rel))
+        if sweep_png is not None:
+            payload["report/sweep"] = wandb.Image(str(sweep_png))
+        if edm_png is not None:
+            payload["report/edm/loss"] = wandb.Image(str(edm_png))
+        for r in edm_rows:
+            if r["grid"] is not None:
+                payload[f"report/edm/samples/{_slug(r['path'])}"] = wandb.Image(str(out_dir / r["grid"]))
         wandb_run.log(payload)
     return rows

@@ -39,16 +39,19 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Checkpoint
 
 from ..data.augment import to_float_nchw
+from ..data.classes import class_names
 from ..data.datamodule import RobustDataModule
 from ..data.datasets import get_info
 from ..diffusion.augment import AUGMENT_DIM, AugmentPipe
 from ..diffusion.edm import EDMPrecond, edm_loss
 from ..diffusion.sampler import sample_images
 from ..models.unet import UNET_PRESETS, resolution_pyramid, unet_preset
-from ..utils.io import atomic_path, atomic_torch_save, atomic_write_json, remove_orphan_temporaries
+from ..utils.images import image_grid, labelled_grid, save_png
+from ..utils.io import atomic_torch_save, atomic_write_json, remove_orphan_temporaries
 from ..utils.lock import DirectoryLock
 from .adversarial import step_seed
 from .callbacks import kill_point, load_checkpoint_file, stop_requested
+from .logging import finish as finish_wandb
 from .run import (
     EDM_RESUMABLE_CHANGES,
     ConfigError,
@@ -125,23 +128,19 @@ def load_network(path: str | os.PathLike, device: torch.device | str = "cpu") ->
 
 
 def sample_grid(net: EDMPrecond, num_classes: int, rows: int, seed: int, num_steps: int,
-                batch_size: int = 256) -> np.ndarray:
-    """A grid of rows × num_classes samples (column c = class c; unconditional: rows × 10).
-    Returns uint8 (rows·R, cols·R, C)."""
+                batch_size: int = 256, class_names: list[str] | None = None) -> np.ndarray:
+    """``rows`` samples of every class, one grid row per class labelled with its name (unconditional: ``rows``
+    rows of 10, unlabelled), padded and, for images of ≤ 32 px, upscaled 4× (nearest; 2× beyond 20 classes).
+    The samples are images 0 … rows·classes − 1 of ``sample_images`` (image i has class i mod classes).
+    Returns uint8 (H, W, 3) labelled, (H, W, C) unconditional."""
     cols = num_classes if net.label_dim else 10
     images, _ = sample_images(net, range(rows * cols), cols, seed=seed, num_steps=num_steps,
                               batch_size=batch_size)
-    r, c = net.img_resolution, net.img_channels
-    return images.reshape(rows, cols, r, r, c).transpose(0, 2, 1, 3, 4).reshape(rows * r, cols * r, c)
-
-
-def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    """uint8 (H, W, C) with C in {1, 3} → PNG, written atomically."""
-    from PIL import Image
-
-    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    with atomic_path(path) as tmp:
-        pil.save(tmp, format="PNG")
+    if not net.label_dim:
+        return image_grid(images, nrow=cols)
+    by_class = images.reshape(rows, cols, *images.shape[1:]).swapaxes(0, 1).reshape(images.shape)
+    names = class_names or [f"class {k}" for k in range(cols)]
+    return labelled_grid(by_class, nrow=rows, row_labels=names, upscale=4 if cols <= 20 else 2)
 
 
 def kimg_label(images: int) -> str:
@@ -332,8 +331,9 @@ class EDMSnapshot(Checkpoint):
                              pl_module.ema, {"kimg": images / 1000, **self.extra})
             path = self.run_dir / "samples" / f"grid-{kimg_label(images)}.png"
             if self.grid_rows > 0:
-                grid = sample_grid(pl_module.ema, pl_module.net.label_dim, self.grid_rows, self.grid_seed,
-                                   self.grid_steps)
+                label_dim = pl_module.net.label_dim
+                grid = sample_grid(pl_module.ema, label_dim, self.grid_rows, self.grid_seed, self.grid_steps,
+                                   class_names=class_names(self.extra.get("dataset"), label_dim))
                 save_png(path, grid)
                 log_image(trainer, path, images)
             atomic_write_json(self.run_dir / "summary.json", edm_summary(finished, images, trainer.global_step))
@@ -452,14 +452,17 @@ def _train_edm(cfg: DictConfig, run_dir: Path, desc: dict[str, Any]) -> dict[str
     snapshot = EDMSnapshot(run_dir, desc["snapshot_kimg"], grid_rows=cfg.grid.rows, grid_steps=cfg.grid.steps,
                            grid_seed=cfg.grid.seed, interrupt_after_steps=cfg.get("interrupt_after_steps"),
                            extra={"dataset": desc["dataset"]})
-    trainer = make_trainer(cfg, run_dir, [snapshot], max_steps=desc["max_steps"], max_epochs=-1)
+    trainer = make_trainer(cfg, run_dir, [snapshot], job_type="edm", max_steps=desc["max_steps"], max_epochs=-1)
     write_run_files(trainer, run_dir, desc, cfg)
     resume = snapshot.last_path if snapshot.last_path.is_file() else None
     if resume is not None and trainer.is_global_zero:
         print(f"robustdiff-edm: resuming {run_dir} from {resume}")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # the EMA copy, on purpose
-        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # the EMA copy, on purpose
+            trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    finally:
+        finish_wandb(trainer)
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"finished": False}
     if module.interrupted:
         summary["interrupted"] = True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import warnings
@@ -25,6 +24,8 @@ from ..utils.lock import DirectoryLock
 from ..utils.naming import SWEEP_ENV, run_name  # noqa: F401  (run_name: re-exported; importing registers rd_run_name)
 from .adversarial import AdversarialTraining
 from .callbacks import AtomicCheckpointIO, RunCheckpoint, fmt_acc, republish
+from .logging import WandbRun, wandb_logger
+from .logging import finish as finish_wandb
 
 # Our LightningModule, not the DataModule, moves batches to the device on purpose (augmentation on device).
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
@@ -223,7 +224,7 @@ def check_resume(run_dir: Path, desc: dict[str, Any], fields: tuple[str, ...] = 
                           f"only {', '.join(resumable)} may change when a run resumes.")
 
 
-def build_logger(cfg: DictConfig, run_dir: Path, name: str):
+def build_logger(cfg: DictConfig, run_dir: Path, name: str, job_type: str = "train"):
     kind = cfg.logger.name
     if kind == "none":
         return False
@@ -233,27 +234,18 @@ def build_logger(cfg: DictConfig, run_dir: Path, name: str):
     if kind == "wandb":
         if missing := missing_extra("wandb", "logger=wandb"):
             raise ConfigError(missing)
-        mode = cfg.logger.get("mode", "auto")
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") or _wandb_logged_in() else "offline"
-        return pl.loggers.WandbLogger(
-            project=cfg.logger.project, entity=cfg.logger.get("entity"),
-            group=cfg.logger.get("group") or os.environ.get(SWEEP_ENV),
-            tags=list(cfg.logger.get("tags") or []), name=name, save_dir=str(run_dir), mode=mode,
-            id=hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16], resume="allow",
-            config=OmegaConf.to_container(cfg, resolve=True),
-        )
+        return wandb_logger(cfg, run_dir, name, job_type, group=os.environ.get(SWEEP_ENV))
     raise ConfigError(f"logger.name={kind!r}: choose csv, wandb or none")
 
 
-def _wandb_logged_in() -> bool:
-    netrc = Path.home() / ".netrc"
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-
-
-def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, **kwargs: Any) -> pl.Trainer:
+def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, job_type: str = "train", **kwargs: Any) -> pl.Trainer:
     """The Trainer every robustdiff job uses: atomic weights-only checkpoints through our callbacks, no
-    Lightning validation loop, our own per-rank data sharding. ``kwargs``: the job's length (max_epochs/steps)."""
+    Lightning validation loop, our own per-rank data sharding. ``job_type``: train or edm (W&B).
+    ``kwargs``: the job's length (max_epochs/steps)."""
+    logger = build_logger(cfg, run_dir, run_dir.name, job_type)
+    if isinstance(logger, pl.loggers.WandbLogger):
+        callbacks = [*callbacks, WandbRun(run_dir, log_model=bool(cfg.logger.get("log_model", True)),
+                                          examples=int(cfg.logger.get("examples", 8)))]
     if cfg.trainer.enable_progress_bar:
         # The bar reads the step loss (a device->host sync); refreshing it every log interval keeps GPU steps async.
         callbacks = [*callbacks, pl.callbacks.TQDMProgressBar(refresh_rate=cfg.trainer.log_every_n_steps)]
@@ -261,7 +253,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, **kwargs: Any)
         default_root_dir=str(run_dir), accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
         strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes,
         precision=resolve_precision(str(cfg.precision), str(cfg.trainer.accelerator)),
-        logger=build_logger(cfg, run_dir, run_dir.name), callbacks=callbacks, enable_checkpointing=True,
+        logger=logger, callbacks=callbacks, enable_checkpointing=True,
         num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
         log_every_n_steps=cfg.trainer.log_every_n_steps, enable_progress_bar=cfg.trainer.enable_progress_bar,
         enable_model_summary=False, sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm", False)),
@@ -344,8 +336,7 @@ def _train(cfg: DictConfig, run_dir: Path, attack: AttackConfig, info, dm: Robus
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
     finally:
-        if isinstance(trainer.logger, pl.loggers.WandbLogger) and trainer.is_global_zero:
-            trainer.logger.experiment.finish()  # flush the summary; an offline run is then ready for `wandb sync`
+        finish_wandb(trainer)
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"finished": False}
     if module.interrupted:
         summary["interrupted"] = True
