@@ -86,7 +86,8 @@ def test_ddp_sweep_makes_one_directory_per_job_and_skips_finished_jobs(tmp_path)
         proc.stderr.count("Initializing distributed: GLOBAL_RANK: 1") == 2
     md = report_path(proc)
     assert md.is_file() and md.with_name("report.csv").is_file()
-    assert len(list((md.parent / "figures").glob("*.png"))) == 2
+    figures = sorted(p.name for p in (md.parent / "figures").glob("*.png"))
+    assert len(figures) == 3 and "_sweep.png" in figures, figures  # one per job, and the sweep overlay
 
     mtimes = {d: (d / "checkpoints" / "last.ckpt").stat().st_mtime_ns for d in dirs}
     again = sweep(tmp_path, *ddp)
