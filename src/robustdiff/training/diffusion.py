@@ -450,7 +450,7 @@ def _train_edm(cfg: DictConfig, run_dir: Path, desc: dict[str, Any]) -> dict[str
     snapshot = EDMSnapshot(run_dir, desc["snapshot_kimg"], grid_rows=cfg.grid.rows, grid_steps=cfg.grid.steps,
                            grid_seed=cfg.grid.seed, interrupt_after_steps=cfg.get("interrupt_after_steps"),
                            extra={"dataset": desc["dataset"]})
-    trainer = make_trainer(cfg, run_dir, [snapshot], max_steps=desc["max_steps"], max_epochs=-1)
+    trainer = make_trainer(cfg, run_dir, [snapshot], validation=False, max_steps=desc["max_steps"], max_epochs=-1)
     write_run_files(trainer, run_dir, desc, cfg)
     resume = snapshot.last_path if snapshot.last_path.is_file() else None
     if resume is not None and trainer.is_global_zero:
