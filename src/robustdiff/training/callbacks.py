@@ -263,6 +263,11 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
+        if trainer.is_global_zero and self.last_path.is_file() and not isinstance(exception, SimulatedKill):
+            # Nothing is saved here (the exception may have struck half-way through a step); the last commit
+            # point is the previous epoch's (or signal's) last.ckpt.
+            print(f"robustdiff: stopped by {type(exception).__name__}; the last saved state is {self.last_path} "
+                  "— run the same command again to resume from it (bit for bit).", flush=True)
 
 
 def requeue_signal(trainer: pl.Trainer) -> int | None:

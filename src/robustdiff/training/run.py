@@ -491,5 +491,7 @@ def revalidate(run_dir: str | os.PathLike, ckpt: str = "best") -> dict[str, floa
     trainer = make_trainer(cfg, run_dir, [], max_epochs=cfg.epochs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+        # The checkpoint's RunCheckpoint state is not needed to evaluate it.
+        warnings.filterwarnings("ignore", message=r".*callbacks used to create the checkpoint need to be provided")
         results = trainer.validate(module, datamodule=dm, ckpt_path=str(path), weights_only=True, verbose=False)
     return {k: float(v) for k, v in results[0].items()}
