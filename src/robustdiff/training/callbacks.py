@@ -168,6 +168,9 @@ class RunCheckpoint(ModelCheckpoint):
     def last_path(self) -> Path:
         return self.ckpt_dir / "last.ckpt"
 
+    def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath) -> None:
+        """No warning: a resumed run's checkpoints/ holds its own files (ModelCheckpoint's private hook)."""
+
     @property
     def best_path(self) -> Path:
         return self.ckpt_dir / "best.ckpt"

@@ -457,6 +457,7 @@ def _train_edm(cfg: DictConfig, run_dir: Path, desc: dict[str, Any]) -> dict[str
         print(f"robustdiff-edm: resuming {run_dir} from {resume}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # the EMA copy, on purpose
+        warnings.filterwarnings("ignore", message=r".*val_dataloader` but have no `validation_step")  # no evaluation
         trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"finished": False}
     if module.interrupted:

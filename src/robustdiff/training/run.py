@@ -31,8 +31,6 @@ from .callbacks import AtomicCheckpointIO, EpochSummary, RunCheckpoint, fmt_acc,
 # Our LightningModule, not the DataModule, moves batches to the device on purpose (augmentation on device).
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
-# A resumed run's checkpoints/ holds its own files; ModelCheckpoint warns about any non-empty directory.
-warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 # Fields that define what a run *is*: resuming with any of them changed is refused.
 IDENTITY_FIELDS = ("dataset", "model", "num_classes", "in_channels", "norm", "loss", "epochs", "batch_size",
