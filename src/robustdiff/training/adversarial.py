@@ -1,8 +1,10 @@
 """Lightning glue for TRADES / PGD-AT training of a WideResNet (SPEC §5).
 
 The math lives in ``robustdiff.adversarial``; this module owns the loop: per-step randomness,
-the BN-momentum rule, EMA, the per-epoch "cosinew" schedule, evaluation of the EMA model and
-the state that a resumed run needs (history, best score, RNG states).
+the BN-momentum rule, EMA, the per-epoch "cosinew" schedule, evaluation of the EMA model in Lightning's
+validation loop (dataloader 0: the validation split, 1: the test split; also ``trainer.validate``),
+epoch means through torchmetrics, and the state that a resumed run needs (history, best score, metric
+sums, RNG states).
 """
 
 from __future__ import annotations
