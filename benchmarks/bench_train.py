@@ -110,7 +110,6 @@ def fit_ours(model: nn.Module, args, attack: AttackConfig, run_dir: Path, callba
         lr=args.lr, augmentation=info.augmentation, crop_padding=info.crop_padding, seed=0,
         eval_batch_size=16, eval_steps=1, channels_last=args.channels_last, compile=args.compile,
     )
-    module.set_eval_data(dm.val, dm.test)
     trainer = pl.Trainer(
         default_root_dir=str(run_dir), max_steps=n, max_epochs=None, accelerator="cpu", devices=1,
         precision=args.precision, logger=False, callbacks=[RunCheckpoint(run_dir), callback],

@@ -78,7 +78,7 @@ def test_short_run_on_fashion_mnist_learns(tmp_path):
 def test_every_config_group_composes():
     from robustdiff.data.datasets import get_info
     from robustdiff.models.wrn import WideResNet
-    from robustdiff.training.run import attack_config, build_logger, validate
+    from robustdiff.training.run import CONTROLLED, attack_config, build_logger, trainer_arguments, validate
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     for group in ("dataset", "norm", "model", "trainer", "logger"):
@@ -92,6 +92,13 @@ def test_every_config_group_composes():
             attack_config(cfg.norm)
             if group == "logger" and option != "wandb":
                 build_logger(cfg, Path("/tmp/unused"), "x")
+            if group == "trainer":
+                assert not set(trainer_arguments(cfg, {})) & set(CONTROLLED)
+    for option in sorted(p.stem for p in (conf / "debug").glob("*.yaml")):
+        cfg = compose_train(f"debug={option}")
+        assert cfg.debug_mode == option
+        validate(cfg)
+        trainer_arguments(cfg, {})
     for recipe in sorted((EXPERIMENTS_DIR / "experiment").glob("*.yaml")):
         cfg = compose_train(f"experiment={recipe.stem}")
         validate(cfg)

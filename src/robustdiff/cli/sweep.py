@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -190,16 +190,17 @@ def ddp_job() -> Iterator[None]:
 
 # --- SLURM requeue -----------------------------------------------------------------------------------------
 
-def requeue_slurm_job(summary: dict[str, Any]) -> None:
-    """After a signal stopped training (summary["interrupted"]) in a SLURM job: requeue the job once (global
-    rank 0), then wait to be stopped by SLURM. The requeued job runs the same overrides, so the same run
-    directory, and resumes from checkpoints/last.ckpt. Outside SLURM, or when training ended, nothing."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if not summary.get("interrupted") or not job or os.environ.get("SLURM_PROCID", "0") != "0":
+# Seconds to wait for SLURM to stop a requeued job (tests set 0).
+REQUEUE_WAIT_ENV = "ROBUSTDIFF_REQUEUE_WAIT"
+
+
+def wait_for_requeue(summary: dict[str, Any]) -> None:
+    """After SIGUSR1 stopped training in a SLURM job, Lightning's SLURMEnvironment has saved and requeued the
+    job (scontrol requeue, see training.callbacks.RunCheckpoint); rank 0 then waits to be stopped by SLURM:
+    returning now would let submitit record the job as done before SLURM requeues it. Elsewhere, nothing."""
+    if (summary.get("signal") != signal.SIGUSR1 or not os.environ.get("SLURM_JOB_ID")
+            or os.environ.get("SLURM_PROCID", "0") != "0"):
         return
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    target = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else job
-    print(f"robustdiff: requeueing SLURM job {target}; it will resume from last.ckpt", flush=True)
-    subprocess.run(["scontrol", "requeue", target], check=False)
-    # Returning now would let submitit record the job as done before SLURM requeues it.
-    time.sleep(600)
+    print("robustdiff: SLURM job requeued; it will resume from last.ckpt. Waiting for SLURM to stop this one.",
+          flush=True)
+    time.sleep(float(os.environ.get(REQUEUE_WAIT_ENV, "600")))

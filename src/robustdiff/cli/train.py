@@ -23,7 +23,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from ..training.callbacks import CheckpointFileError
     from ..training.run import ConfigError, train
     from ..utils.lock import DirectoryLockedError
-    from .sweep import ddp_job, requeue_slurm_job
+    from .sweep import ddp_job, wait_for_requeue
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -38,7 +38,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             raise
         print(f"robustdiff-train: error: {e.strerror}", file=sys.stderr)  # full disk: says which file; the rest is intact
         sys.exit(1)
-    requeue_slurm_job(summary)
+    wait_for_requeue(summary)
     if summary.get("signal"):
         sys.exit(128 + summary["signal"])  # saved, but not done: `a && b` chains stop (143 for SIGTERM)
     return summary.get("best_val_pgd_acc")  # what a sweeper optimises

@@ -76,6 +76,24 @@ class MixedBatchLoader:
         self._resume = (int(state["epoch"]), int(state["consumed"]))
 
 
+class EvalLoader:
+    """One evaluation split, this rank's share (every world-th image from its rank), in fixed-size batches of
+    uint8 (b, H, W, C) images and int64 labels. The order never changes: the attack noise of a batch depends
+    only on its position (SPEC §5 evaluation is a pure function of the weights and the seed)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, rank: int = 0,
+                 world_size: int = 1):
+        self.images, self.labels = images[rank::world_size], labels[rank::world_size]
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        for i in range(0, len(self.labels), self.batch_size):
+            yield {"image": self.images[i : i + self.batch_size], "label": self.labels[i : i + self.batch_size]}
+
+
 class RobustDataModule(pl.LightningDataModule):
     def __init__(
         self,
@@ -94,6 +112,8 @@ class RobustDataModule(pl.LightningDataModule):
         val_split: str | None = None,
         val_seed: int = 0,
         last_batch: str = "reference",
+        eval_batch_size: int = 512,
+        repeat_first_epoch: bool = False,
     ):
         """val_split: "first" | "stratified" | None (the dataset's rule: stratified where the stored training
         set is sorted by class, e.g. TinyImageNet); val_seed seeds the stratified split. last_batch:
@@ -115,6 +135,8 @@ class RobustDataModule(pl.LightningDataModule):
             raise ValueError(f"last_batch must be one of {LAST_BATCH}, got {last_batch!r}")
         self.val_seed, self.last_batch = val_seed, last_batch
         self.val_split_info: dict | None = None  # for run.json, after setup
+        self.eval_batch_size = eval_batch_size
+        self.repeat_first_epoch = repeat_first_epoch  # debug=overfit: every epoch serves epoch 0's batches
         self.store = None
         self.plan: MixedBatchPlan | None = None
         self.loader: MixedBatchLoader | None = None
@@ -164,7 +186,16 @@ class RobustDataModule(pl.LightningDataModule):
         module = trainer.lightning_module if trainer is not None else None
         self.loader = MixedBatchLoader(
             self.plan, self.train_x, self.train_y, self.store, rank, world,
-            epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else (lambda: 0),
+            epoch_fn=(lambda: trainer.current_epoch) if trainer is not None and not self.repeat_first_epoch
+            else (lambda: 0),
             consumed_fn=(lambda: module.consumed) if module is not None else (lambda: (0, 0)),
         )
         return self.loader
+
+    def val_dataloader(self) -> list[EvalLoader]:
+        """[validation split, test split]: the EMA model is evaluated on both every epoch (validation PGD picks
+        the best epoch; test clean every epoch, test PGD every ``test_every`` epochs and at the end)."""
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        return [EvalLoader(*split, self.eval_batch_size, rank, world) for split in (self.val, self.test)]

@@ -1,22 +1,27 @@
 """Lightning glue for TRADES / PGD-AT training of a WideResNet (SPEC §5).
 
 The math lives in ``robustdiff.adversarial``; this module owns the loop: per-step randomness,
-the BN-momentum rule, EMA, the per-epoch "cosinew" schedule, evaluation of the EMA model and
-the state that a resumed run needs (history, best score, RNG states).
+the BN-momentum rule, EMA, the per-epoch "cosinew" schedule, evaluation of the EMA model in Lightning's
+validation loop (dataloader 0: the validation split, 1: the test split; also ``trainer.validate``),
+epoch means through torchmetrics, and the state that a resumed run needs (history, best score, metric
+sums, RNG states).
 """
 
 from __future__ import annotations
 
 import math
 import random
+import time
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
+from torchmetrics import MeanMetric
 
-from ..adversarial.attacks import accuracy_counts, pgd_attack
+from ..adversarial.attacks import pgd_attack
 from ..adversarial.trades import AttackConfig, pgd_at_loss, standard_loss, trades_loss
 from ..data.augment import augment_images, to_float_nchw
 from ..models.wrn import bn_parameter_names, set_bn_momentum
@@ -27,6 +32,8 @@ from .schedule import CosineW
 LOSSES = ("trades", "pgd_at", "pgd_at_train", "ce")
 SELECT = ("pgd", "clean")  # the validation accuracy that picks the best epoch
 SCHEDULES = ("cosinew", "constant")
+TRAIN_METRICS = ("train_loss", "train_loss_natural", "train_loss_robust", "train_acc_natural", "train_acc_adv")
+EVAL_METRICS = ("val_clean_acc", "val_pgd_acc", "test_clean_acc", "test_pgd_acc")
 
 
 def step_seed(seed: int, *keys: int) -> int:
@@ -104,9 +111,18 @@ class AdversarialTraining(pl.LightningModule):
         self.last_is_best = False
         self.interrupted = False
         self.consumed = (0, 0)  # (epoch, batches of that epoch whose optimiser step ran)
-        self._train_sums: torch.Tensor | None = None
         self._epoch_lr = lr
-        self._eval_data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Epoch means through torchmetrics: summed over ranks when computed (DDP). "disable": no NaN check,
+        # which would read a tensor on the host in every step.
+        self.train_metrics = nn.ModuleDict({k: MeanMetric(nan_strategy="disable") for k in TRAIN_METRICS})
+        self.eval_metrics = nn.ModuleDict({k: MeanMetric(nan_strategy="disable") for k in EVAL_METRICS})
+        self._eval_generators: dict[int, torch.Generator] = {}
+        self._run_test_pgd = False
+        # Timing of the current epoch (console and logger only).
+        self._train_started: float | None = None
+        self._eval_started = 0.0
+        self._images = 0
+        self._train_time = self._eval_time = self.images_per_s = 0.0
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -177,13 +193,14 @@ class AdversarialTraining(pl.LightningModule):
         if first_step:
             set_bn_momentum(self.model, 0.01)
         with torch.no_grad():
-            sums = torch.stack([
-                out.loss.detach().float() * y.shape[0], out.loss_natural.float() * y.shape[0],
-                out.loss_robust.float() * y.shape[0],
-                (out.logits_natural.argmax(1) == y).sum().float(), (out.logits_adv.argmax(1) == y).sum().float(),
-                torch.full((), float(y.shape[0]), device=y.device),  # torch.tensor(..., device=cuda) syncs
-            ])
-            self._train_sums = sums if self._train_sums is None else self._train_sums.to(sums.device) + sums
+            n = y.shape[0]
+            # Per-sample values: MeanMetric sums them, and sums over ranks when computed (DDP).
+            for name, value in (("train_loss", out.loss), ("train_loss_natural", out.loss_natural),
+                                ("train_loss_robust", out.loss_robust)):
+                self.train_metrics[name].update(value.detach().float().expand(n))
+            self.train_metrics["train_acc_natural"].update((out.logits_natural.argmax(1) == y).float())
+            self.train_metrics["train_acc_adv"].update((out.logits_adv.argmax(1) == y).float())
+        self._images += int(batch["global_size"])  # a host int: images of the global batch
         self.log("train/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self.consumed = (batch["epoch"], batch["step"] + 1)
         return out.loss
@@ -195,56 +212,99 @@ class AdversarialTraining(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         # Not called when Lightning resumes part-way through an epoch: on_load_checkpoint restored these.
-        self._train_sums = None
+        for metric in self.train_metrics.values():
+            metric.reset()
         # The schedule steps once per epoch, after the epoch: record the lr this epoch trains with.
         self._epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"]
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._train_started is None:  # timing only (never in the history: it must not differ after a resume)
+            self._train_started, self._images = time.perf_counter(), 0
+
     # ------------------------------------------------------------------ evaluation of the EMA model
-    def set_eval_data(self, val: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """val/test: uint8 (N, H, W, C) and int64 (N,) tensors; moved to the device once."""
-        self._eval_data = {"val": val, "test": test}
+    def _evaluating_epoch(self) -> int:
+        """The 0-based epoch whose evaluation this is. ``trainer.validate(ckpt_path=...)`` re-evaluates a
+        checkpoint with the attack noise of the epoch that saved it, so it reproduces the recorded numbers."""
+        if self.trainer.state.fn == TrainerFn.FITTING or not self.history:
+            return self.current_epoch
+        return int(self.history[-1]["epoch"]) - 1
 
-    def _shard(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self._eval_data[split]
-        rank, world = self.global_rank, self.trainer.world_size if self._trainer else 1
-        x, y = x[rank::world].to(self.device), y[rank::world].to(self.device)
-        return to_float_nchw(x), y
+    def _skip_evaluation(self) -> bool:
+        # A signal stopped this epoch part-way: Lightning still runs the validation loop (as after early
+        # stopping), but the epoch is not finished; last.ckpt already holds the mid-epoch state.
+        return self.interrupted or self.trainer.sanity_checking
 
-    def _count(self, split: str, attack_loss: str | None, tag: int) -> float:
-        x, y = self._shard(split)
-        model = self.ema.module
-        attack = None
-        if attack_loss is not None:
-            g = make_generator(x.device, step_seed(self.seed, 1, tag, self.current_epoch, self.global_rank))
-            a = self.attack
-
-            def attack(xb, yb):
-                return pgd_attack(model, xb, yb, norm=a.norm, eps=a.eps, step=a.step, steps=self.eval_steps,
-                                  loss=attack_loss, generator=g)
-        correct = accuracy_counts(model, x, y, self.eval_batch_size, attack).float()
-        total = torch.tensor(float(y.shape[0]), device=self.device)
-        stats = self.trainer.strategy.reduce(torch.stack([correct, total]), reduce_op="sum")
-        return float(stats[0] / stats[1].clamp_min(1))
-
-    def evaluate_epoch(self) -> dict[str, Any]:
+    def on_validation_epoch_start(self) -> None:
+        if self._skip_evaluation():
+            return
+        self._eval_started = time.perf_counter()
+        # The EMA model takes the live model's BN running statistics at the end of each epoch (SPEC §5).
         self.ema.copy_buffers(self.model)
         self.ema.module.eval()
+        epoch = self._evaluating_epoch()
+        fitting = self.trainer.state.fn == TrainerFn.FITTING
+        self._run_test_pgd = not fitting or epoch + 1 == self.epochs or (epoch + 1) % self.test_every == 0
+        for metric in self.eval_metrics.values():
+            metric.reset()
+        # One noise stream per (split, attack), consumed batch after batch in a fixed order.
+        self._eval_generators = {tag: make_generator(self.device, step_seed(self.seed, 1, tag, epoch,
+                                                                            self.global_rank))
+                                 for tag in (1, 2)}
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """dataloader 0: the validation split (clean if selecting by clean accuracy, PGD-``eval_steps``);
+        1: the test split (clean; PGD on test epochs). x: uint8 (B, H, W, C), y: (B,)."""
+        if self._skip_evaluation():
+            return
+        split = ("val", "test")[dataloader_idx]
+        x, y = to_float_nchw(batch["image"]), batch["label"]
+        model = self.ema.module
+        if split == "test" or self.select == "clean":
+            self.eval_metrics[f"{split}_clean_acc"].update((model(x).argmax(1) == y).float())
+        if split == "val" or self._run_test_pgd:
+            a = self.attack
+            x_adv = pgd_attack(model, x, y, norm=a.norm, eps=a.eps, step=a.step, steps=self.eval_steps,
+                               loss=self.val_loss if split == "val" else self.test_loss,
+                               generator=self._eval_generators[1 if split == "val" else 2])
+            with torch.no_grad():
+                self.eval_metrics[f"{split}_pgd_acc"].update((model(x_adv).argmax(1) == y).float())
+
+    def on_validation_epoch_end(self) -> None:
+        if self._skip_evaluation():
+            return
+        fitting = self.trainer.state.fn == TrainerFn.FITTING
+        # compute() sums over ranks (DDP); every rank computes, so every rank holds the same row.
+        acc = {"test_clean_acc": float(self.eval_metrics["test_clean_acc"].compute())}
+        if self.select == "clean":
+            acc["val_clean_acc"] = float(self.eval_metrics["val_clean_acc"].compute())
+        acc["val_pgd_acc"] = float(self.eval_metrics["val_pgd_acc"].compute())
+        acc["test_pgd_acc"] = float(self.eval_metrics["test_pgd_acc"].compute()) if self._run_test_pgd else None
+        self._eval_time = time.perf_counter() - self._eval_started
+        if fitting:
+            self._record_epoch(acc)
+        # Lightning's own `epoch` (0-based) is not shadowed: ours are epoch/<history field>.
+        self.log_dict({f"epoch/{k}": float(v) for k, v in (self.history[-1] if fitting else acc).items()
+                       if isinstance(v, (int, float)) and k != "epoch"}, sync_dist=True)
+        # The progress bar and ModelCheckpoint(monitor=...) read these.
+        self.log("val_pgd_acc", acc["val_pgd_acc"], prog_bar=True, logger=False, sync_dist=True)
+        if self.select == "clean":
+            self.log("val_clean_acc", acc["val_clean_acc"], logger=False, sync_dist=True)
+        if fitting and self._train_started is not None:
+            self.log_dict({"perf/epoch_time_s": self._train_time, "perf/images_per_s": self.images_per_s,
+                           "perf/eval_time_s": self._eval_time}, sync_dist=True)
+        self._train_started = None
+
+    def _record_epoch(self, acc: dict[str, float | None]) -> dict[str, Any]:
         epoch = self.current_epoch
-        row: dict[str, Any] = {"epoch": epoch + 1}
-        row["lr"] = self._epoch_lr
-        if self._train_sums is not None:
-            s = self.trainer.strategy.reduce(self._train_sums, reduce_op="sum").tolist()
-            n = max(s[5], 1.0)
-            row.update(train_loss=s[0] / n, train_loss_natural=s[1] / n, train_loss_robust=s[2] / n,
-                       train_acc_natural=s[3] / n, train_acc_adv=s[4] / n)
-        with torch.inference_mode(False):
-            row["test_clean_acc"] = self._count("test", None, 0)
-            if self.select == "clean":
-                row["val_clean_acc"] = self._count("val", None, 3)
-            row["val_pgd_acc"] = self._count("val", self.val_loss, 1)
-            last = epoch + 1 == self.epochs
-            row["test_pgd_acc"] = (self._count("test", self.test_loss, 2)
-                                   if last or (epoch + 1) % self.test_every == 0 else None)
+        if self._train_started is not None:
+            self._train_time = self._eval_started - self._train_started
+            self.images_per_s = self._images / max(self._train_time, 1e-9)
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": self._epoch_lr}
+        if float(self.train_metrics["train_acc_adv"].weight) > 0:
+            row.update({k: float(m.compute()) for k, m in self.train_metrics.items()})
+        row.update(acc)
+        if self.history and self.history[-1]["epoch"] == epoch + 1:
+            return self.history[-1]  # this epoch is already recorded (a resume re-running its evaluation)
         # Ties go to the later epoch.
         score = row[f"val_{self.select}_acc"]
         self.last_is_best = score >= self.best_score
@@ -252,15 +312,7 @@ class AdversarialTraining(pl.LightningModule):
             self.best_score, self.best_epoch = score, epoch + 1
         row["is_best"] = self.last_is_best
         self.history.append(row)
-        self.log_dict({f"epoch/{k}": float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"},
-                      sync_dist=True)  # identical on every rank already; sync_dist keeps DDP quiet
-        self.log("epoch", float(epoch + 1), sync_dist=True)
         return row
-
-    def on_train_epoch_end(self) -> None:
-        if self.interrupted:
-            return  # a signal stopped this epoch part-way: last.ckpt already holds the mid-epoch state
-        self.evaluate_epoch()
 
     # ------------------------------------------------------------------ resumable state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -270,7 +322,9 @@ class AdversarialTraining(pl.LightningModule):
             "best_epoch": self.best_epoch,
             "consumed": list(self.consumed),
             "epoch_lr": self._epoch_lr,
-            "train_sums": None if self._train_sums is None else self._train_sums.detach().cpu(),
+            # This rank's running sums of the epoch's training metrics (sum of values, count).
+            "train_metrics": {k: torch.stack([m.mean_value, m.weight]).detach().cpu()
+                              for k, m in self.train_metrics.items()},
             "rng": capture_rng(),
         }
 
@@ -281,8 +335,15 @@ class AdversarialTraining(pl.LightningModule):
         self.best_epoch = state.get("best_epoch", -1)
         self.consumed = tuple(state.get("consumed", (0, 0)))
         self._epoch_lr = state.get("epoch_lr", self.lr)
-        sums = state.get("train_sums")
-        self._train_sums = None if sums is None else sums.to(self.device)
+        saved = state.get("train_metrics")
+        if saved is None and state.get("train_sums") is not None:  # checkpoints of earlier versions
+            sums = state["train_sums"]
+            saved = {k: torch.stack([sums[i], sums[5]]) for i, k in enumerate(TRAIN_METRICS)}
+        for k, m in self.train_metrics.items():
+            m.reset()
+            if saved is not None and k in saved:
+                m.mean_value.copy_(saved[k][0])
+                m.weight.copy_(saved[k][1])
         if "rng" in state:
             restore_rng(state["rng"])
 

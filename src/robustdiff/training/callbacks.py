@@ -12,8 +12,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
-from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
 
 from ..utils.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
 
@@ -132,18 +134,31 @@ def summarise(history: list[dict[str, Any]], finished: bool, select: str = "pgd"
     }
 
 
-class RunCheckpoint(Checkpoint):
-    """Saves ``last.ckpt`` every epoch and on SIGTERM/SIGUSR1, ``best.ckpt`` + ``model.pt`` on a new best.
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint with robustdiff's publication rules, in ``<run_dir>/checkpoints``.
 
-    Being a ``Checkpoint`` it runs after the LightningModule's ``on_train_epoch_end`` (where the
-    epoch's evaluation happens). ``interrupt_after_steps`` simulates a signal after that many
-    optimiser steps (used by the resume tests).
+    * ``best.ckpt`` is the top-1 checkpoint by ``monitor`` (val_pgd_acc, the EMA model's validation PGD
+      accuracy), ties going to the later epoch (SPEC §5: ``>=``, where ModelCheckpoint uses ``>``); with it
+      the EMA weights in ``model.pt``.
+    * After every validation (the end of each epoch): best.ckpt / model.pt, then history.* and summary.json,
+      then ``last.ckpt`` last: it is the commit record. A crash before it leaves the previous epoch's
+      last.ckpt, the rerun redoes this epoch (bit for bit) and republishes everything; files published before
+      the crash are the same ones again. Whether a run is finished is read from last.ckpt.
+    * SIGTERM / SIGINT / SIGUSR1 are noted and acted on between two steps: last.ckpt with the mid-epoch
+      state, then the Trainer stops. (Lightning's OnExceptionCheckpoint would save wherever the exception
+      struck, possibly half-way through a step; such a file could not resume bit-exactly.) Under SLURM with
+      auto-requeue (Lightning's SLURMEnvironment) the requeue signal then requeues the job through Lightning.
+    * Every file is written atomically (AtomicCheckpointIO); no checkpoint is ever deleted.
+
+    ``interrupt_after_steps`` simulates a signal after that many optimiser steps (used by the resume tests).
     """
 
-    def __init__(self, run_dir: Path, interrupt_after_steps: int | None = None):
-        super().__init__()
+    def __init__(self, run_dir: Path, interrupt_after_steps: int | None = None, monitor: str = "val_pgd_acc"):
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        super().__init__(dirpath=self.ckpt_dir, filename="best", monitor=monitor, mode="max", save_top_k=1,
+                         save_last=True, auto_insert_metric_name=False, save_on_train_epoch_end=False,
+                         enable_version_counter=False)
         self.interrupt_after_steps = interrupt_after_steps
         self._signal: int | None = None
         self.received: int | None = None  # a real signal (not the interrupt_after_steps testing aid)
@@ -153,8 +168,30 @@ class RunCheckpoint(Checkpoint):
     def last_path(self) -> Path:
         return self.ckpt_dir / "last.ckpt"
 
+    def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath) -> None:
+        """No warning: a resumed run's checkpoints/ holds its own files (ModelCheckpoint's private hook)."""
+
+    @property
+    def best_path(self) -> Path:
+        return self.ckpt_dir / "best.ckpt"
+
+    def check_monitor_top_k(self, trainer: pl.Trainer, current: torch.Tensor | None = None) -> bool:
+        """Ties go to the later epoch (SPEC §5): a score equal to the best so far replaces it."""
+        if current is None:
+            return False
+        if not self.best_k_models:
+            return True
+        better = bool(torch.ge(current, self.best_k_models[self.kth_best_model_path]))
+        return trainer.strategy.reduce_boolean_decision(better)
+
     # -- signals: remember, then act between two steps so the saved state is consistent
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if not self.best_k_models and getattr(pl_module, "best_epoch", -1) > 0:
+            # A run saved before best.ckpt was tracked by ModelCheckpoint: the module knows the best score.
+            self.best_k_models = {str(self.best_path): torch.tensor(pl_module.best_score)}
+            self.kth_best_model_path = self.best_model_path = str(self.best_path)
+            self.best_model_score = self.best_k_models[self.best_model_path]
         for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT):
             if sig is not None:
                 try:
@@ -165,10 +202,14 @@ class RunCheckpoint(Checkpoint):
     def _handle(self, signum, frame) -> None:
         self._signal = self.received = stop_requested(signum, self.received)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _restore_handlers(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not ModelCheckpoint's: it would write last.ckpt again after a signal's mid-epoch save.
+        self._restore_handlers()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.interrupt_after_steps is not None and trainer.global_step >= self.interrupt_after_steps:
@@ -186,40 +227,86 @@ class RunCheckpoint(Checkpoint):
             pl_module.interrupted = True
             trainer.save_checkpoint(self.last_path, weights_only=False)
             trainer.should_stop = True
+            received = self.received or 0
+            if trainer.world_size > 1:  # the same decision on every rank (Lightning's handler saves collectively)
+                received = int(trainer.strategy.reduce(torch.tensor(received, device=pl_module.device),
+                                                       reduce_op="max"))
+            if received and requeue_signal(trainer) == received:
+                # SLURM warned of the job's end: Lightning's SLURMEnvironment handler requeues it (scontrol
+                # requeue); the requeued job runs the same command and resumes in place from last.ckpt, saved
+                # just now at this step boundary.
+                trainer._signal_connector._slurm_sigusr_handler_fn(received, None)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Publish the epoch. ``last.ckpt`` goes last: it is the commit record. A crash before it leaves the
-        previous epoch's last.ckpt, the rerun redoes this epoch (bit for bit) and republishes everything; files
-        published before the crash are the same ones again. Whether a run is finished is read from last.ckpt."""
-        if pl_module.interrupted:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Publish the epoch: best.ckpt and model.pt (a new best), history.* and summary.json, last.ckpt."""
+        if self._should_skip_saving_checkpoint(trainer) or getattr(pl_module, "interrupted", False):
             return
-        epoch = pl_module.history[-1]["epoch"] if pl_module.history else None
-        if pl_module.last_is_best:
-            trainer.save_checkpoint(self.ckpt_dir / "best.ckpt", weights_only=False)
-            kill_point("best.ckpt", epoch)
-            if trainer.is_global_zero:
-                atomic_torch_save(pl_module.ema.module.state_dict(), self.run_dir / "model.pt")
-                kill_point("model.pt", epoch)
+        candidates = self._monitor_candidates(trainer)
+        self._epoch = pl_module.history[-1]["epoch"] if pl_module.history else None
+        self._save_topk_checkpoint(trainer, candidates)
         if trainer.is_global_zero:
             write_history(self.run_dir, pl_module.history)
-            kill_point("history", epoch)
+            kill_point("history", self._epoch)
             last = len(pl_module.history) and pl_module.history[-1]["epoch"] == pl_module.epochs
             atomic_write_json(self.run_dir / "summary.json",
                               summarise(pl_module.history, finished=bool(last), select=pl_module.select))
-            kill_point("summary.json", epoch)
-        trainer.save_checkpoint(self.last_path, weights_only=False)
-        kill_point("last.ckpt", epoch)
+            kill_point("summary.json", self._epoch)
+        self._save_last_checkpoint(trainer, candidates)
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        epoch = getattr(self, "_epoch", None)
+        if Path(filepath).name == "best.ckpt":
+            kill_point("best.ckpt", epoch)
+            if trainer.is_global_zero:
+                atomic_torch_save(trainer.lightning_module.ema.module.state_dict(), self.run_dir / "model.pt")
+                kill_point("model.pt", epoch)
+        elif Path(filepath).name == "last.ckpt":
+            kill_point("last.ckpt", epoch)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.on_train_end(trainer, pl_module)  # give the signal handlers back
+        self._restore_handlers()
+        if trainer.is_global_zero and self.last_path.is_file() and not isinstance(exception, SimulatedKill):
+            # Nothing is saved here (the exception may have struck half-way through a step); the last commit
+            # point is the previous epoch's (or signal's) last.ckpt.
+            print(f"robustdiff: stopped by {type(exception).__name__}; the last saved state is {self.last_path} "
+                  "— run the same command again to resume from it (bit for bit).", flush=True)
 
-    def state_dict(self) -> dict:
-        return {}
+
+def requeue_signal(trainer: pl.Trainer) -> int | None:
+    """The signal on which Lightning's SLURMEnvironment requeues the job (SIGUSR1), or None outside SLURM or
+    without auto-requeue."""
+    env = trainer._accelerator_connector.cluster_environment
+    if isinstance(env, SLURMEnvironment) and env.auto_requeue:
+        return int(env.requeue_signal)
+    return None
+
+
+class EpochSummary(pl.Callback):
+    """One console line per epoch (rank 0): clean and PGD accuracies, best so far, times and throughput."""
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (not trainer.is_global_zero or trainer.sanity_checking or getattr(pl_module, "interrupted", False)
+                or trainer.state.fn != TrainerFn.FITTING or not pl_module.history):
+            return
+        row = pl_module.history[-1]
+        test_pgd = f", test PGD {fmt_acc(row['test_pgd_acc'])}" if row.get("test_pgd_acc") is not None else ""
+        line = (f"epoch {row['epoch']}/{pl_module.epochs}: test clean {fmt_acc(row['test_clean_acc'])}, "
+                f"val PGD {fmt_acc(row['val_pgd_acc'])}{test_pgd}{' (new best)' if row.get('is_best') else ''}; "
+                f"best {fmt_acc(pl_module.best_score)} at epoch {pl_module.best_epoch}; "
+                f"train {pl_module._train_time:.1f}s ({pl_module.images_per_s:,.0f} img/s), "
+                f"eval {pl_module._eval_time:.1f}s")
+        bar = trainer.progress_bar_callback
+        if bar is not None and hasattr(bar, "print"):
+            bar.print(line)  # above the bar, not through it
+        else:
+            print(line, flush=True)
 
 
 def fmt_acc(value: float | None) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
 
 
-__all__ = ["AtomicCheckpointIO", "CheckpointFileError", "load_checkpoint_file", "RunCheckpoint", "write_history", "summarise", "republish", "fmt_acc", "atomic_path",
-           "kill_point", "SimulatedKill", "KILL_ENV"]
+__all__ = ["AtomicCheckpointIO", "CheckpointFileError", "load_checkpoint_file", "RunCheckpoint", "EpochSummary",
+           "requeue_signal", "write_history", "summarise", "republish", "fmt_acc", "atomic_path", "kill_point",
+           "SimulatedKill", "KILL_ENV"]

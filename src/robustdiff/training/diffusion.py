@@ -452,7 +452,8 @@ def _train_edm(cfg: DictConfig, run_dir: Path, desc: dict[str, Any]) -> dict[str
     snapshot = EDMSnapshot(run_dir, desc["snapshot_kimg"], grid_rows=cfg.grid.rows, grid_steps=cfg.grid.steps,
                            grid_seed=cfg.grid.seed, interrupt_after_steps=cfg.get("interrupt_after_steps"),
                            extra={"dataset": desc["dataset"]})
-    trainer = make_trainer(cfg, run_dir, [snapshot], job_type="edm", max_steps=desc["max_steps"], max_epochs=-1)
+    trainer = make_trainer(cfg, run_dir, [snapshot], job_type="edm", validation=False, max_steps=desc["max_steps"],
+                           max_epochs=-1)
     write_run_files(trainer, run_dir, desc, cfg)
     resume = snapshot.last_path if snapshot.last_path.is_file() else None
     if resume is not None and trainer.is_global_zero:
@@ -460,6 +461,7 @@ def _train_edm(cfg: DictConfig, run_dir: Path, desc: dict[str, Any]) -> dict[str
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # the EMA copy, on purpose
+            warnings.filterwarnings("ignore", message=r".*val_dataloader` but have no `validation_step")  # no evaluation
             trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
     finally:
         finish_wandb(trainer)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from ..adversarial.attacks import parse_fraction
@@ -23,7 +26,7 @@ from ..utils.io import atomic_write_json, atomic_write_text, remove_orphan_tempo
 from ..utils.lock import DirectoryLock
 from ..utils.naming import SWEEP_ENV, run_name  # noqa: F401  (run_name: re-exported; importing registers rd_run_name)
 from .adversarial import AdversarialTraining
-from .callbacks import AtomicCheckpointIO, RunCheckpoint, fmt_acc, republish
+from .callbacks import AtomicCheckpointIO, EpochSummary, RunCheckpoint, fmt_acc, republish
 from .logging import WandbRun, wandb_logger
 from .logging import finish as finish_wandb
 
@@ -238,27 +241,89 @@ def build_logger(cfg: DictConfig, run_dir: Path, name: str, job_type: str = "tra
     raise ConfigError(f"logger.name={kind!r}: choose csv, wandb or none")
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, job_type: str = "train", **kwargs: Any) -> pl.Trainer:
-    """The Trainer every robustdiff job uses: atomic weights-only checkpoints through our callbacks, no
-    Lightning validation loop, our own per-rank data sharding. ``job_type``: train or edm (W&B).
-    ``kwargs``: the job's length (max_epochs/steps)."""
+# Trainer arguments robustdiff sets itself (cfg.trainer may repeat them only with the same value), and why.
+CONTROLLED = {
+    "default_root_dir": "the run directory is run_root/<name>",
+    "logger": "choose logger=csv|wandb|none",
+    "callbacks": "robustdiff's checkpoint callback publishes the run files in order",
+    "plugins": "checkpoints are written atomically and read with weights_only=True",
+    "precision": "set precision=... (top level): run.json records it",
+    "enable_checkpointing": "checkpoints are how a run resumes",
+    "use_distributed_sampler": "each rank takes its rows of the same global batch (the batch plan)",
+    "inference_mode": "the evaluation attacks need input gradients",
+    "num_sanity_val_steps": "an evaluation before training would attack an untrained model for nothing",
+    "max_epochs": "set epochs=... (the schedule and EMA warm-up depend on it)",
+    "max_steps": "set epochs=... (the schedule and EMA warm-up depend on it)",
+    "min_epochs": "a run is exactly `epochs` long",
+    "min_steps": "a run is exactly `epochs` long",
+    "max_time": "stop a run with a signal (SIGTERM/SIGUSR1/Ctrl-C): it then saves at a step boundary",
+    "check_val_every_n_epoch": "every epoch is evaluated (best epoch by validation PGD, SPEC §5)",
+    "val_check_interval": "every epoch is evaluated once, at its end",
+    "accumulate_grad_batches": "one optimiser step per global batch (EMA, schedule and resume count steps)",
+    "reload_dataloaders_every_n_epochs": "the batch plan already changes every epoch",
+}
+# Shorten or repeat the loops: only in a debug run (debug=fdr|limit|overfit, its own run root).
+DEBUG_ONLY = ("fast_dev_run", "limit_train_batches", "limit_val_batches", "limit_test_batches",
+              "limit_predict_batches", "overfit_batches")
+DEBUG_NEUTRAL = {"fast_dev_run": 0, "overfit_batches": 0}  # limit_*: 1.0
+
+
+def _neutral(key: str, value: Any) -> bool:
+    return value is False or (not isinstance(value, bool) and value == DEBUG_NEUTRAL.get(key, 1.0))
+
+
+def trainer_arguments(cfg: DictConfig, controlled: dict[str, Any]) -> dict[str, Any]:
+    """cfg.trainer as pl.Trainer keyword arguments (null = Lightning's default), checked: every key must be a
+    Trainer argument; keys in CONTROLLED may only repeat robustdiff's value; DEBUG_ONLY keys need debug=..."""
+    import inspect
+
+    accepted = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    user = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
+    for key, value in user.items():
+        if key not in accepted:
+            raise ConfigError(f"trainer.{key}: not an argument of Lightning's Trainer (see `python -c 'import "
+                              f"pytorch_lightning as pl; help(pl.Trainer)'`); remove it or fix its spelling")
+        if key in CONTROLLED and (key not in controlled or value != controlled[key]):
+            raise ConfigError(f"trainer.{key}={value!r}: robustdiff sets this itself"
+                              f"{f' (to {controlled[key]!r})' if key in controlled else ''} because "
+                              f"{CONTROLLED[key]}; remove the override")
+        if key in DEBUG_ONLY and not cfg.get("debug_mode") and not _neutral(key, value):
+            raise ConfigError(f"trainer.{key}={value!r} shortens the run, so it is allowed in a debug run only: "
+                              f"use debug=fdr (fast_dev_run), debug=limit (limit_*_batches) or debug=overfit "
+                              f"(overfit_batches); debug runs go to <run_root>/debug/ and never resume a real run")
+    return user
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, validation: bool = True,
+                 job_type: str = "train", **kwargs: Any) -> pl.Trainer:
+    """The Trainer every robustdiff job uses, built from cfg.trainer (any Trainer argument) plus what robustdiff
+    controls: atomic weights-only checkpoints through our callbacks, our own per-rank data sharding, the
+    validation loop once per epoch (``validation``: the job has one), the job's length (``kwargs``:
+    max_epochs/steps) and SLURM auto-requeue on SIGUSR1 through Lightning's SLURMEnvironment.
+    ``job_type``: train or edm (W&B)."""
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
     logger = build_logger(cfg, run_dir, run_dir.name, job_type)
     if isinstance(logger, pl.loggers.WandbLogger):
         callbacks = [*callbacks, WandbRun(run_dir, log_model=bool(cfg.logger.get("log_model", True)),
                                           examples=int(cfg.logger.get("examples", 8)))]
-    if cfg.trainer.enable_progress_bar:
+    controlled: dict[str, Any] = {
+        "default_root_dir": str(run_dir), "precision": resolve_precision(str(cfg.precision),
+                                                                          str(cfg.trainer.accelerator)),
+        "enable_checkpointing": True, "use_distributed_sampler": False, "inference_mode": False,
+        "num_sanity_val_steps": 0, "check_val_every_n_epoch": 1, "accumulate_grad_batches": 1, **kwargs,
+    }
+    user = trainer_arguments(cfg, controlled)
+    if not validation:
+        user["limit_val_batches"] = 0
+    if logger:
+        callbacks = [*callbacks, pl.callbacks.LearningRateMonitor(logging_interval="epoch")]
+    if user.get("enable_progress_bar", True):
         # The bar reads the step loss (a device->host sync); refreshing it every log interval keeps GPU steps async.
-        callbacks = [*callbacks, pl.callbacks.TQDMProgressBar(refresh_rate=cfg.trainer.log_every_n_steps)]
-    return pl.Trainer(
-        default_root_dir=str(run_dir), accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
-        strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes,
-        precision=resolve_precision(str(cfg.precision), str(cfg.trainer.accelerator)),
-        logger=logger, callbacks=callbacks, enable_checkpointing=True,
-        num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
-        log_every_n_steps=cfg.trainer.log_every_n_steps, enable_progress_bar=cfg.trainer.enable_progress_bar,
-        enable_model_summary=False, sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm", False)),
-        benchmark=cfg.trainer.get("benchmark"), **kwargs,
-    )
+        callbacks = [*callbacks, pl.callbacks.TQDMProgressBar(refresh_rate=user.get("log_every_n_steps", 50))]
+    user.setdefault("enable_model_summary", False)
+    return pl.Trainer(**{**user, **controlled}, logger=logger, callbacks=callbacks, plugins=plugins)
 
 
 def write_run_files(trainer: pl.Trainer, run_dir: Path, desc: dict[str, Any], cfg: DictConfig) -> None:
@@ -269,53 +334,24 @@ def write_run_files(trainer: pl.Trainer, run_dir: Path, desc: dict[str, Any], cf
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Train (or resume, or skip if finished) the run in ``run_dir``; returns summary.json's content."""
-    run_dir = Path(run_dir)
-    attack = validate(cfg)
-    cfg.precision = resolve_precision(str(cfg.precision), str(cfg.trainer.accelerator))  # run.json records the choice
-    info = get_info(cfg.dataset.name)
-    dm = RobustDataModule(
-        info.name, cfg.batch_size, data_dir=cfg.data_dir, download=cfg.download, generated=cfg.generated,
-        ratio=float(cfg.ratio), generated_sampling=cfg.generated_sampling, seed=cfg.seed,
+def build_datamodule(cfg: DictConfig) -> RobustDataModule:
+    return RobustDataModule(
+        get_info(cfg.dataset.name).name, cfg.batch_size, data_dir=cfg.data_dir, download=cfg.download,
+        generated=cfg.generated, ratio=float(cfg.ratio), generated_sampling=cfg.generated_sampling, seed=cfg.seed,
         limit_train=cfg.limit_train, limit_test=cfg.limit_test, val_size=cfg.val_size,
         val_split=cfg.get("val_split"), val_seed=int(cfg.get("val_seed", 0)),
         last_batch=cfg.get("last_batch", "reference"),
+        eval_batch_size=cfg.eval.batch_size, repeat_first_epoch=cfg.get("debug_mode") == "overfit",
     )
-    store = dm.open_store()  # shape/class checks before anything long
-    # One process per run directory for the life of the job (DDP ranks started for it don't take it).
-    lock = DirectoryLock(run_dir, "robustdiff-train") if is_launching_process() else contextlib.nullcontext()
-    with lock:
-        return _train(cfg, run_dir, attack, info, dm, store)
 
 
-def _train(cfg: DictConfig, run_dir: Path, attack: AttackConfig, info, dm: RobustDataModule, store) -> dict[str, Any]:
-    if is_launching_process():
-        remove_orphan_temporaries(run_dir)  # half-written files of a process that died mid-write
-    desc = describe(cfg, attack, len(store) if store is not None else 0)
-    desc["name"] = run_dir.name
-    desc["identity"] = config_identity(cfg)
-    if store is not None:  # the generated data's measured quality (robustdiff-fid score), not part of the identity
-        desc["generated_quality"] = store.manifest.get("quality", [])
-    check_resume(run_dir, desc)
-    summary_path = run_dir / "summary.json"
-    select = cfg.eval.get("select", "pgd")
-    # last.ckpt is the commit record: history and summary are re-derived from it, so a crash between two
-    # publications of an epoch never leaves a run that looks finished (or unfinished) when it is not.
-    if is_launching_process():
-        committed = republish(run_dir, cfg.epochs, select)
-    else:
-        committed = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    if committed is not None and committed.get("finished"):
-        print(f"robustdiff: {run_dir} is already finished (best epoch {committed.get('best_epoch')}); nothing to do.")
-        return committed
-
-    dm.setup("fit")
+def build_module(cfg: DictConfig, attack: AttackConfig, iterations_per_epoch: int) -> AdversarialTraining:
+    info = get_info(cfg.dataset.name)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = WideResNet(depth=int(cfg.model.depth), width=int(cfg.model.width), num_classes=info.num_classes,
                        in_channels=info.image_shape[2], mean=info.mean, std=info.std)
-    module = AdversarialTraining(
-        model, attack, epochs=cfg.epochs, iterations_per_epoch=dm.iterations_per_epoch, loss=cfg.loss,
+    return AdversarialTraining(
+        model, attack, epochs=cfg.epochs, iterations_per_epoch=iterations_per_epoch, loss=cfg.loss,
         beta=float(cfg.beta), label_smoothing=float(cfg.label_smoothing), lr=float(cfg.lr),
         momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov), weight_decay=float(cfg.weight_decay),
         schedule=cfg.schedule, cycle_momentum=bool(cfg.cycle_momentum), ema_decay=float(cfg.ema_decay),
@@ -325,12 +361,59 @@ def _train(cfg: DictConfig, run_dir: Path, attack: AttackConfig, info, dm: Robus
         select=cfg.eval.get("select", "pgd"),
         channels_last=bool(cfg.channels_last), compile=cfg.get("compile", False),
     )
-    module.set_eval_data(dm.val, dm.test)
+
+
+def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Train (or resume, or skip if finished) the run in ``run_dir``; returns summary.json's content.
+
+    With ``debug_mode`` set (the debug=fdr|limit|overfit config group) the run always starts from scratch:
+    a debug run never resumes, and Hydra puts it under <run_root>/debug/, away from real runs."""
+    run_dir = Path(run_dir)
+    attack = validate(cfg)
+    cfg.precision = resolve_precision(str(cfg.precision), str(cfg.trainer.accelerator))  # run.json records the choice
+    info = get_info(cfg.dataset.name)
+    dm = build_datamodule(cfg)
+    store = dm.open_store()  # shape/class checks before anything long
+    # One process per run directory for the life of the job (DDP ranks started for it don't take it).
+    lock = DirectoryLock(run_dir, "robustdiff-train") if is_launching_process() else contextlib.nullcontext()
+    with lock:
+        return _train(cfg, run_dir, attack, info, dm, store)
+
+
+def _train(cfg: DictConfig, run_dir: Path, attack: AttackConfig, info, dm: RobustDataModule, store) -> dict[str, Any]:
+    debug = cfg.get("debug_mode")
+    if is_launching_process():
+        remove_orphan_temporaries(run_dir)  # half-written files of a process that died mid-write
+    desc = describe(cfg, attack, len(store) if store is not None else 0)
+    desc["name"] = run_dir.name
+    desc["identity"] = config_identity(cfg)
+    if store is not None:  # the generated data's measured quality (robustdiff-fid score), not part of the identity
+        desc["generated_quality"] = store.manifest.get("quality", [])
+    summary_path = run_dir / "summary.json"
+    select = cfg.eval.get("select", "pgd")
+    if not debug:
+        check_resume(run_dir, desc)
+        # last.ckpt is the commit record: history and summary are re-derived from it, so a crash between two
+        # publications of an epoch never leaves a run that looks finished (or unfinished) when it is not.
+        if is_launching_process():
+            committed = republish(run_dir, cfg.epochs, select)
+        else:
+            committed = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        if committed is not None and committed.get("finished"):
+            print(f"robustdiff: {run_dir} is already finished (best epoch {committed.get('best_epoch')}); "
+                  "nothing to do.")
+            return committed
+    else:
+        desc["debug_mode"] = debug
+
+    dm.setup("fit")
+    module = build_module(cfg, attack, dm.iterations_per_epoch)
     desc["val_split"] = dm.val_split_info  # rule, seed, size and classes covered of the validation images
-    checkpoint = RunCheckpoint(run_dir, interrupt_after_steps=cfg.get("interrupt_after_steps"))
-    trainer = make_trainer(cfg, run_dir, [checkpoint], max_epochs=cfg.epochs)
+    checkpoint = RunCheckpoint(run_dir, interrupt_after_steps=cfg.get("interrupt_after_steps"),
+                               monitor=f"val_{select}_acc")
+    trainer = make_trainer(cfg, run_dir, [checkpoint, EpochSummary()], max_epochs=cfg.epochs)
     write_run_files(trainer, run_dir, desc, cfg)
-    resume = checkpoint.last_path if checkpoint.last_path.is_file() else None
+    resume = checkpoint.last_path if checkpoint.last_path.is_file() and not debug else None
     if resume is not None and trainer.is_global_zero:
         print(f"robustdiff: resuming {run_dir} from {resume}")
     try:
@@ -342,6 +425,8 @@ def _train(cfg: DictConfig, run_dir: Path, attack: AttackConfig, info, dm: Robus
         summary["interrupted"] = True
         if checkpoint.received is not None:
             summary["signal"] = int(checkpoint.received)
+    if debug:
+        summary["debug_mode"] = debug
     if trainer.is_global_zero:
         print_summary(run_dir, summary)
     return summary
@@ -352,12 +437,42 @@ def print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
         print(f"robustdiff: stopped by a signal; state saved in {run_dir}/checkpoints/last.ckpt — "
               "run the same command again to resume (it continues from the saved step, bit for bit).")
         return
+    if summary.get("debug_mode"):
+        print(f"robustdiff: debug run ({summary['debug_mode']}) in {run_dir} done; debug runs never resume and "
+              "are not real results.")
     if "best_epoch" not in summary:
         return
     print(f"robustdiff: {run_dir}\n"
           f"  best epoch {summary['best_epoch']}: val PGD {fmt_acc(summary['best_val_pgd_acc'])}, "
           f"test clean {fmt_acc(summary['test_clean_acc_best'])}\n"
           f"  last epoch {summary['last_epoch']}: test clean {fmt_acc(summary['test_clean_acc_last'])}, "
-          f"test PGD {fmt_acc(summary.get('test_pgd_acc_last'))}")
+          f"test PGD {fmt_acc(summary.get('test_pgd_acc_last'))}\n"
+          f"  best model (EMA weights): {run_dir / 'model.pt'} (full state: {run_dir / 'checkpoints' / 'best.ckpt'})\n"
+          f"  attack it (clean, PGD, AutoAttack): robustdiff-eval {shlex.quote(str(run_dir))}")
 
 
+def revalidate(run_dir: str | os.PathLike, ckpt: str = "best") -> dict[str, float]:
+    """Re-evaluate a saved run with Lightning's ``trainer.validate(ckpt_path=...)``: the EMA model of
+    ``checkpoints/<ckpt>.ckpt`` on the validation and test splits (clean and PGD), with the attack noise of the
+    epoch that saved it, so the numbers equal the ones recorded in history.json for that epoch.
+    Returns {"epoch/val_pgd_acc": ..., "epoch/test_clean_acc": ..., "epoch/test_pgd_acc": ...}."""
+    run_dir = Path(run_dir)
+    path = run_dir / "checkpoints" / f"{ckpt}.ckpt"
+    config = run_dir / "config.yaml"
+    if not path.is_file() or not config.is_file():
+        raise ConfigError(f"{path if config.is_file() else config}: not found; give a run directory written by "
+                          "robustdiff-train and a checkpoint name (best or last)")
+    cfg = OmegaConf.load(config)
+    cfg.logger = {"name": "none"}
+    cfg.trainer.enable_progress_bar = False
+    attack = validate(cfg)
+    dm = build_datamodule(cfg)
+    dm.setup("validate")
+    module = build_module(cfg, attack, dm.iterations_per_epoch)
+    trainer = make_trainer(cfg, run_dir, [], max_epochs=cfg.epochs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+        # The checkpoint's RunCheckpoint state is not needed to evaluate it.
+        warnings.filterwarnings("ignore", message=r".*callbacks used to create the checkpoint need to be provided")
+        results = trainer.validate(module, datamodule=dm, ckpt_path=str(path), weights_only=True, verbose=False)
+    return {k: float(v) for k, v in results[0].items()}
