@@ -203,6 +203,20 @@ def describe(cfg: DictConfig, attack: AttackConfig, n_generated: int) -> dict[st
     }
 
 
+# Config keys added after runs existed, with the value that reproduces what such a run did: a run started before
+# the key existed resumes when the command asks for that behaviour (e.g. last_batch=fill), and is refused, saying
+# so, when the new default would change its math.
+ADDED_KEYS = {"last_batch": "fill", "val_seed": 0, "val_split": None, "debug_mode": None}
+
+
+def identity_with_added_keys(identity: dict[str, Any]) -> dict[str, Any]:
+    """A recorded identity completed with ADDED_KEYS (TinyImageNet runs before val_split took its first images)."""
+    legacy = dict(ADDED_KEYS)
+    if identity.get("dataset.name") == "tinyimagenet":
+        legacy["val_split"] = "first"
+    return {**legacy, **identity}
+
+
 def check_resume(run_dir: Path, desc: dict[str, Any], fields: tuple[str, ...] = IDENTITY_FIELDS,
                  kind: str = "run", resumable: tuple[str, ...] = RESUMABLE_CHANGES) -> None:
     """Refuse to resume (or overwrite) ``run_dir`` when its run.json differs from ``desc`` in ``fields``."""
@@ -217,7 +231,7 @@ def check_resume(run_dir: Path, desc: dict[str, Any], fields: tuple[str, ...] = 
     diffs = [f"{k}: run has {json.dumps(old.get(k))}, you asked for {json.dumps(desc.get(k))}" for k in fields
              if json.dumps(old.get(k), sort_keys=True) != json.dumps(desc.get(k), sort_keys=True)]
     if "identity" in old and "identity" in desc:  # every key that changes the math (runs from this version on)
-        a, b = old["identity"], desc["identity"]
+        a, b = identity_with_added_keys(old["identity"]), desc["identity"]
         diffs += [f"{k}: run has {json.dumps(a.get(k))}, you asked for {json.dumps(b.get(k))}"
                   for k in sorted(set(a) | set(b)) if k not in fields and
                   json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
