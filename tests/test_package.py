@@ -77,10 +77,13 @@ def test_hydra_flags_work_without_command_line_rewriting(tmp_path):
 
 
 def test_configs_have_one_home(tmp_path):
-    """Package data only: a yaml file left in a top-level conf/ (e.g. by a merge) would silently not be used."""
+    """Package data only. The top-level conf/ of the project's layout is a link to it (one copy); a yaml file left in
+    a real top-level conf/ or experiments/experiment/ (e.g. by a merge) would silently not be used."""
     assert (CONF_DIR / "train.yaml").is_file() and (CONF_DIR / "experiment" / "fashionmnist_demo.yaml").is_file()
-    stray = sorted(p.relative_to(ROOT) for d in ("conf", "experiments/experiment") for p in (ROOT / d).rglob("*.yaml"))
-    assert stray == [], f"move these into src/robustdiff/conf/ (git mv): {stray}"
+    top = ROOT / "conf"
+    assert top.is_symlink() and top.resolve() == CONF_DIR.resolve(), f"{top} must be a link to {CONF_DIR}"
+    stray = sorted(p.relative_to(ROOT) for p in (ROOT / "experiments" / "experiment").rglob("*.yaml"))
+    assert stray == [], f"move these into src/robustdiff/conf/experiment/ (git mv): {stray}"
 
 
 def test_a_rejected_config_leaves_no_run_directory_but_keeps_an_existing_run(tmp_path):
