@@ -3,7 +3,7 @@
     ROBUSTDIFF_TIMING=timing.json python benchmarks/gpu_train_probe.py <robustdiff-train overrides>
 
 runs ``robustdiff.cli.train.main`` unchanged (Hydra config, DataModule, Lightning Trainer, checkpoints)
-with one extra Lightning callback and a timer around the per-epoch evaluation. The timer synchronises
+with one extra Lightning callback that also times the per-epoch evaluation (Lightning's validation loop). The timer synchronises
 the device only at the edges of what it times (the end of a step once ``ROBUSTDIFF_TIMING_WARMUP``
 steps of this process have run, the end of each epoch's last step, the evaluation), so the steps in
 between run as they do without it. Rank 0 rewrites the JSON after every epoch and at exit:
@@ -86,10 +86,11 @@ class StepTimer(pl.Callback):
             self.t0, self.s0 = _now(pl_module.device), trainer.global_step
             self.watch_syncs(pl_module.device, True)
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        # A plain callback's epoch-end hook runs before the LightningModule's (where the evaluation is).
+    def close_epoch(self, trainer, pl_module) -> None:
+        """The epoch's training steps end: record their rate (once per epoch, before its evaluation)."""
         self.watch_syncs(pl_module.device, False)
         if self.t0 is None or pl_module.interrupted:
+            self.t0 = None
             return
         seconds = _now(pl_module.device) - self.t0
         steps = trainer.global_step - self.s0
@@ -99,15 +100,32 @@ class StepTimer(pl.Callback):
                                           "images_per_s": images / seconds})
         self.t0 = None
 
+    # Lightning runs the epoch's validation loop (robustdiff's evaluation) before on_train_epoch_end: the training
+    # steps end where validation starts, and the evaluation is timed from there to the validation epoch's end.
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn != "fit":
+            return
+        self.close_epoch(trainer, pl_module)
+        self.eval_t0 = _now(pl_module.device)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn != "fit" or getattr(self, "eval_t0", None) is None:
+            return
+        self.record["eval_seconds"].append(_now(pl_module.device) - self.eval_t0)
+        self.eval_t0 = None
+        self.write()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.close_epoch(trainer, pl_module)  # an epoch without validation (e.g. interrupted): nothing recorded twice
+
     def on_train_end(self, trainer, pl_module) -> None:
         self.record["global_step"] = int(trainer.global_step)
         self.write()
 
 
 def install(path: Path, warmup: int, sync_debug: bool = False) -> StepTimer:
-    """Add the timer to every Trainer robustdiff-train builds, and time ``evaluate_epoch``."""
+    """Add the timer (training steps and the per-epoch evaluation) to every Trainer robustdiff-train builds."""
     import robustdiff.training.run as run
-    from robustdiff.training.adversarial import AdversarialTraining
 
     timer = StepTimer(path, warmup, sync_debug)
     if sync_debug:
@@ -127,17 +145,7 @@ def install(path: Path, warmup: int, sync_debug: bool = False) -> StepTimer:
     def make_trainer_with_timer(cfg, run_dir, callbacks, **kwargs):
         return make_trainer(cfg, run_dir, [*callbacks, timer], **kwargs)
 
-    evaluate_epoch = AdversarialTraining.evaluate_epoch
-
-    def timed_evaluate_epoch(self):
-        start = _now(self.device)
-        row = evaluate_epoch(self)
-        timer.record["eval_seconds"].append(_now(self.device) - start)
-        timer.write()
-        return row
-
     run.make_trainer = make_trainer_with_timer
-    AdversarialTraining.evaluate_epoch = timed_evaluate_epoch
     atexit.register(timer.write)
     return timer
 
