@@ -25,8 +25,7 @@ N, SHARD = 40, 16  # shards of 16, 16, 8 images
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def network(tmp_path_factory) -> Path:
+def tiny_network(path: Path) -> Path:
     """A random small 16-px conditional network whose output is not ~0 (the 1e-5 init layers are scaled up)."""
     torch.manual_seed(0)
     kwargs = network_kwargs("small", 16, 1, 10)
@@ -35,9 +34,13 @@ def network(tmp_path_factory) -> Path:
         for name, p in net.named_parameters():
             if name.endswith(("conv1.weight", "proj.weight", "aux_conv.weight")):
                 p.mul_(1e4)
-    path = tmp_path_factory.mktemp("net") / "network.pt"
     save_network(path, kwargs, net)
     return path
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory) -> Path:
+    return tiny_network(tmp_path_factory.mktemp("net") / "network.pt")
 
 
 def config(network: Path, out: Path, *overrides: str):

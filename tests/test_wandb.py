@@ -158,3 +158,113 @@ def test_examples_leave_the_math_alone_and_a_resumed_run_continues_its_wandb_run
     assert [r["best/epoch"] for r in second["history"] if "best/epoch" in r] == [second["summary"]["best/epoch"]]
     assert not first["artifacts"] and len(second["artifacts"]) == 1  # the model once the run has finished
     assert sorted(p.name for p in (resumed / "examples").iterdir()) == ["adversarial-0001.png", "adversarial-0002.png"]
+
+
+# ---------------------------------------------------------------------------------------------------- generate
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory):
+    from test_generate import tiny_network
+
+    return tiny_network(tmp_path_factory.mktemp("net") / "network.pt")
+
+
+def test_generate_run_counts_grid_and_a_resumed_generation_in_the_same_run(generator, tmp_path, offline):
+    """robustdiff-generate wandb.project=...: an interrupted generation and its rerun log into one W&B run of
+    job_type generate (its id in the store's wandb.json); progress per shard, the per-class counts and a grid of
+    the finished store; the store is byte for byte the one generated without W&B."""
+    from robustdiff.cli.generate import generate
+    from test_generate import SHARD, N, config, store_bytes
+
+    store = tmp_path / "fmnist-tiny"
+    on = ("wandb.project=robustdiff-test", "wandb.group=gen", "wandb.grid=3")
+    assert generate(config(generator, store, *on, "stop_after_shards=1")) is None
+    (first_dir,) = offline_runs(store)
+    first = read_run(first_dir)
+    # Set aside: W&B names offline directories by the second, and the rerun may start within the same one.
+    first_dir.rename(tmp_path / "interrupted-run")
+    assert generate(config(generator, store, *on))["complete"]
+    (second_dir,) = offline_runs(store)
+    second = read_run(second_dir)
+    generate(config(generator, tmp_path / "plain"))
+    assert {k: v for k, v in store_bytes(store).items() if k != "wandb.json"} == store_bytes(tmp_path / "plain")
+
+    record = read_record(store)
+    assert first["run"]["id"] == second["run"]["id"] == record["id"]
+    assert record["job_type"] == first["run"]["job_type"] == second["run"]["job_type"] == "generate"
+    assert second["run"]["name"] == "fmnist-tiny" and second["run"]["group"] == "gen"
+    cfg = plain(second["config"])
+    assert cfg["steps"] == 3 and cfg["n"] == N and cfg["precision"] == "fp32" and cfg["seed"] == 0
+    prov = json.loads((store / "manifest.json").read_text())["provenance"]
+    assert cfg["provenance"] == prov and "splitmix64" in cfg["provenance"]["seeds"]
+
+    # Progress per finished shard (16, 16, 8 images): one shard before the interruption, two after.
+    def progress(rec):
+        return [r["generate/progress"] for r in rec["history"] if "generate/progress" in r]
+
+    assert progress(first) == [SHARD / N] and progress(second) == [2 * SHARD / N, 1.0]
+    assert all(r["generate/images_per_s"] > 0 for r in second["history"] if "generate/progress" in r)
+    assert "generate/class_counts" not in first["summary"]
+    assert second["summary"]["generate/class_counts"] == [4] * 10 and second["summary"]["generate/count"] == N
+
+    # The grid: 3 images of each of the 10 classes, one row per class, 16 px upscaled 4x.
+    (row,) = [r for r in second["history"] if "samples/_type" in r]
+    assert row["samples/_type"] == "image-file" and "first 3 images of each class" in row["samples/caption"]
+    (png,) = (second_dir / "files").rglob("samples_*.png")
+    grid = Image.open(png)
+    assert grid.height == 2 + 10 * (16 * 4 + 2) and grid.width > 3 * (16 * 4 + 2)
+
+
+def test_generate_wandb_failures_keep_the_images_and_a_missing_wandb_is_refused_first(generator, tmp_path, offline,
+                                                                                    capsys):
+    import sys
+
+    import wandb
+    from wandb.sdk.wandb_run import Run
+
+    from robustdiff.cli.generate import GenerationError, generate
+    from robustdiff.data.store import verify_store
+    from test_generate import config
+
+    def down(*args, **kwargs):
+        raise RuntimeError("W&B is down")
+
+    on = "wandb.project=robustdiff-test"
+    with offline.context() as patch:
+        patch.setattr(Run, "log", down)  # the run starts, then logging fails
+        assert generate(config(generator, tmp_path / "a", on))["complete"]
+        assert "W&B logging failed (RuntimeError: W&B is down)" in capsys.readouterr().err
+        patch.setattr(wandb, "init", down)  # no run at all
+        assert generate(config(generator, tmp_path / "b", on))["complete"]
+        assert "W&B start failed" in capsys.readouterr().err
+    assert verify_store(tmp_path / "a") == [] and verify_store(tmp_path / "b") == []
+
+    offline.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(GenerationError, match=r"wandb.project=robustdiff-test needs .*pip install 'robustdiff\[wandb\]'"):
+        generate(config(generator, tmp_path / "c", on))
+    with pytest.raises(GenerationError, match="wandb.mode='sometimes'"):
+        generate(config(generator, tmp_path / "c", on, "wandb.mode=sometimes"))
+    assert not (tmp_path / "c").exists()  # refused before any work
+    assert generate(config(generator, tmp_path / "c"))["complete"]  # off by default: wandb is not needed
+
+
+def test_generate_with_a_classifier_filter_records_the_run_in_the_candidates(generator, tmp_path, offline):
+    """Filtering: the W&B record and files go into the candidates store (written from the start; ``out`` must stay
+    empty until its StoreWriter creates it), the run is named after ``out`` and logs ``out``'s counts."""
+    from robustdiff.cli.generate import generate
+    from robustdiff.models.wrn import WideResNet
+    from test_generate import config
+
+    run = tmp_path / "classifier"
+    run.mkdir()
+    wrn = WideResNet(10, 1, num_classes=10, in_channels=1, mean=(0.2860,), std=(0.3530,))
+    torch.save(wrn.state_dict(), run / "model.pt")
+    (run / "run.json").write_text(json.dumps({"dataset": "fashionmnist"}))
+    manifest = generate(config(generator, tmp_path / "kept", "n=20", f"classifier={run}", "keep_fraction=0.5",
+                               "wandb.project=robustdiff-test"))
+    assert not (tmp_path / "kept" / "wandb.json").exists() and read_record(tmp_path / "kept-candidates")
+    (rec,) = [read_run(d) for d in offline_runs(tmp_path / "kept-candidates")]
+    assert rec["run"]["name"] == "kept" and rec["run"]["job_type"] == "generate"
+    assert rec["summary"]["generate/class_counts"] == manifest["class_counts"] == [2] * 10
+    assert plain(rec["config"])["provenance"]["filter"]["candidates_n"] == 40

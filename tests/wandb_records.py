@@ -47,7 +47,7 @@ def _key(item) -> str:
 def read_run(run_dir: Path) -> dict:
     """What one offline run directory (its single .wandb file) holds:
     {"history": [{key: value} per logged row], "config": {key: value}, "summary": {key: value} (the final state
-    of the summary updates), "run": {"id", "job_type", "group", "project", "resumed"},
+    of the summary updates), "run": {"id", "job_type", "group", "project", "resumed", "name"},
     "artifacts": [{"name", "type", "aliases", "metadata", "files"}], "metrics": {name: summary options}}."""
     from wandb.proto import wandb_internal_pb2 as pb
 
@@ -63,7 +63,7 @@ def read_run(run_dir: Path) -> dict:
         elif kind == "run":
             config.update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
             run = {"id": rec.run.run_id, "job_type": rec.run.job_type, "group": rec.run.run_group,
-                   "project": rec.run.project, "resumed": rec.run.resumed}
+                   "project": rec.run.project, "resumed": rec.run.resumed, "name": rec.run.display_name}
         elif kind == "config":
             config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
         elif kind == "summary":
