@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
 
 from conftest import CONF_DIR, TINY, compose_train
+from robustdiff.training.callbacks import KILL_ENV, SimulatedKill
 from robustdiff.training.run import ConfigError, config_identity, make_trainer, train, user_callbacks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,10 +60,15 @@ def test_bad_callback_entries_are_refused_before_any_work(overrides, message, tm
     assert not run.exists()
 
 
-def test_early_stopping_finishes_the_run_and_a_rerun_has_nothing_to_do(tmp_path, capsys):
+def test_early_stopping_finishes_the_run_and_a_rerun_has_nothing_to_do(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     cfg = (*SMALL, *ES, "callbacks.early_stopping.patience=1", "epochs=3")
-    summary = train(compose_train(*cfg), run)
+    monkeypatch.setenv(KILL_ENV, "summary.json@2")  # a crash after summary.json, before the epoch's last.ckpt
+    with pytest.raises(SimulatedKill):
+        train(compose_train(*cfg), run)
+    monkeypatch.delenv(KILL_ENV)
+    assert json.loads((run / "summary.json").read_text())["stopped_early"]["epoch"] == 2
+    summary = train(compose_train(*cfg), run)  # last.ckpt (epoch 1) is the commit record: epoch 2 again, stop again
     stopped = summary["stopped_early"]
     assert summary["finished"] and summary["last_epoch"] == 2
     assert stopped["epoch"] == 2 and stopped["epochs"] == 3 and stopped["by"] == "EarlyStopping"
@@ -71,7 +77,8 @@ def test_early_stopping_finishes_the_run_and_a_rerun_has_nothing_to_do(tmp_path,
     assert [r["epoch"] for r in json.loads((run / "history.json").read_text())] == [1, 2]
     assert (run / "model.pt").is_file() and (run / "checkpoints" / "best.ckpt").is_file()
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["robustdiff"]["stopped_early"] == stopped
-    assert "stopped early after epoch 2 of 3 by EarlyStopping" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming" in out and "stopped early after epoch 2 of 3 by EarlyStopping" in out
 
     again = train(compose_train(*cfg), run)
     out = capsys.readouterr().out

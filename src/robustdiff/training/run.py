@@ -317,7 +317,7 @@ def user_callbacks(cfg: DictConfig) -> list[pl.Callback]:
 CONTROLLED = {
     "default_root_dir": "the run directory is run_root/<name>",
     "logger": "choose logger=csv|wandb|none",
-    "callbacks": "robustdiff's checkpoint callback publishes the run files in order",
+    "callbacks": "robustdiff's checkpoint callback publishes the run files in order (add yours with callbacks=...)",
     "plugins": "checkpoints are written atomically and read with weights_only=True",
     "precision": "set precision=... (top level): run.json records it",
     "enable_checkpointing": "checkpoints are how a run resumes",
