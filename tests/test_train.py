@@ -78,10 +78,17 @@ def test_short_run_on_fashion_mnist_learns(tmp_path):
 def test_every_config_group_composes():
     from robustdiff.data.datasets import get_info
     from robustdiff.models.wrn import WideResNet
-    from robustdiff.training.run import CONTROLLED, attack_config, build_logger, trainer_arguments, validate
+    from robustdiff.training.run import (
+        CONTROLLED,
+        attack_config,
+        build_logger,
+        trainer_arguments,
+        user_callbacks,
+        validate,
+    )
 
     conf = Path(__file__).resolve().parents[1] / "conf"
-    for group in ("dataset", "norm", "model", "trainer", "logger"):
+    for group in ("dataset", "norm", "model", "trainer", "logger", "callbacks"):
         for option in sorted(p.stem for p in (conf / group).glob("*.yaml")):
             cfg = compose_train(f"{group}={option}")
             assert cfg[group] is not None
@@ -94,6 +101,8 @@ def test_every_config_group_composes():
                 build_logger(cfg, Path("/tmp/unused"), "x")
             if group == "trainer":
                 assert not set(trainer_arguments(cfg, {})) & set(CONTROLLED)
+            if group == "callbacks":
+                user_callbacks(cfg)
     for option in sorted(p.stem for p in (conf / "debug").glob("*.yaml")):
         cfg = compose_train(f"debug={option}")
         assert cfg.debug_mode == option

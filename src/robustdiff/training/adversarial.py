@@ -110,6 +110,7 @@ class AdversarialTraining(pl.LightningModule):
         self.best_epoch = -1
         self.last_is_best = False
         self.interrupted = False
+        self.stopped_early: dict[str, Any] | None = None  # set by RunCheckpoint when a callback ends the run early
         self.consumed = (0, 0)  # (epoch, batches of that epoch whose optimiser step ran)
         self._epoch_lr = lr
         # Epoch means through torchmetrics: summed over ranks when computed (DDP). "disable": no NaN check,
@@ -230,8 +231,8 @@ class AdversarialTraining(pl.LightningModule):
         return int(self.history[-1]["epoch"]) - 1
 
     def _skip_evaluation(self) -> bool:
-        # A signal stopped this epoch part-way: Lightning still runs the validation loop (as after early
-        # stopping), but the epoch is not finished; last.ckpt already holds the mid-epoch state.
+        # A signal stopped this epoch part-way: the epoch is not finished and last.ckpt already holds the
+        # mid-epoch state (RunCheckpoint also turns off the validation loop Lightning would run after the stop).
         return self.interrupted or self.trainer.sanity_checking
 
     def on_validation_epoch_start(self) -> None:
@@ -322,6 +323,7 @@ class AdversarialTraining(pl.LightningModule):
             "best_epoch": self.best_epoch,
             "consumed": list(self.consumed),
             "epoch_lr": self._epoch_lr,
+            "stopped_early": self.stopped_early,
             # This rank's running sums of the epoch's training metrics (sum of values, count).
             "train_metrics": {k: torch.stack([m.mean_value, m.weight]).detach().cpu()
                               for k, m in self.train_metrics.items()},
@@ -335,6 +337,7 @@ class AdversarialTraining(pl.LightningModule):
         self.best_epoch = state.get("best_epoch", -1)
         self.consumed = tuple(state.get("consumed", (0, 0)))
         self._epoch_lr = state.get("epoch_lr", self.lr)
+        self.stopped_early = state.get("stopped_early")
         saved = state.get("train_metrics")
         if saved is None and state.get("train_sums") is not None:  # checkpoints of earlier versions
             sums = state["train_sums"]

@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 
 from ..utils.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
@@ -108,16 +108,28 @@ def republish(run_dir: Path, epochs: int, select: str = "pgd") -> dict[str, Any]
         return None
     state = load_checkpoint_file(last, mmap=True).get("robustdiff", {})
     history = list(state.get("history", []))
-    finished = bool(history) and history[-1]["epoch"] == epochs
-    summary = summarise(history, finished=finished, select=select)
+    stopped = state.get("stopped_early")
+    finished = is_finished(history, epochs, stopped)
+    summary = summarise(history, finished=finished, select=select, stopped_early=stopped)
     write_history(run_dir, history)
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
 
-def summarise(history: list[dict[str, Any]], finished: bool, select: str = "pgd") -> dict[str, Any]:
+def is_finished(history: list[dict[str, Any]], epochs: int, stopped_early: dict[str, Any] | None = None) -> bool:
+    """A run is finished when its last recorded epoch is ``epochs``, or is the epoch at which a callback
+    (EarlyStopping) stopped it: running the same command again then has nothing to do."""
+    if not history:
+        return False
+    last = history[-1]["epoch"]
+    return last == epochs or (stopped_early is not None and last == stopped_early.get("epoch"))
+
+
+def summarise(history: list[dict[str, Any]], finished: bool, select: str = "pgd",
+              stopped_early: dict[str, Any] | None = None) -> dict[str, Any]:
     """best = the epoch with the highest validation accuracy of kind ``select`` (pgd: the reference; clean:
-    standard-trained classifiers), ties -> later epoch."""
+    standard-trained classifiers), ties -> later epoch. ``stopped_early``: {epoch, epochs, by, reason} when a
+    callback ended the run before ``epochs`` (None otherwise; the key is only written then)."""
     if not history:
         return {"finished": finished}
     best = max(history, key=lambda r: (r[f"val_{select}_acc"], r["epoch"]))
@@ -131,6 +143,7 @@ def summarise(history: list[dict[str, Any]], finished: bool, select: str = "pgd"
         "test_pgd_acc_last": tested[-1]["test_pgd_acc"] if tested else None,
         "selected_by": f"val_{select}_acc",
         "finished": finished,
+        **({"stopped_early": stopped_early} if stopped_early else {}),
     }
 
 
@@ -143,7 +156,9 @@ class RunCheckpoint(ModelCheckpoint):
     * After every validation (the end of each epoch): best.ckpt / model.pt, then history.* and summary.json,
       then ``last.ckpt`` last: it is the commit record. A crash before it leaves the previous epoch's
       last.ckpt, the rerun redoes this epoch (bit for bit) and republishes everything; files published before
-      the crash are the same ones again. Whether a run is finished is read from last.ckpt.
+      the crash are the same ones again. Whether a run is finished is read from last.ckpt: its last epoch is
+      ``epochs``, or a user callback (EarlyStopping, which Lightning calls before this checkpoint callback)
+      stopped the run at that epoch (``stopped_early`` in summary.json).
     * SIGTERM / SIGINT / SIGUSR1 are noted and acted on between two steps: last.ckpt with the mid-epoch
       state, then the Trainer stops. (Lightning's OnExceptionCheckpoint would save wherever the exception
       struck, possibly half-way through a step; such a file could not resume bit-exactly.) Under SLURM with
@@ -227,6 +242,10 @@ class RunCheckpoint(ModelCheckpoint):
             pl_module.interrupted = True
             trainer.save_checkpoint(self.last_path, weights_only=False)
             trainer.should_stop = True
+            # No validation loop for the unfinished epoch (Lightning runs one after should_stop): there is nothing
+            # to evaluate, and user callbacks (EarlyStopping) would judge the previous epoch's metrics once more,
+            # or fail on a metric not logged yet in the first epoch.
+            trainer.limit_val_batches = 0
             received = self.received or 0
             if trainer.world_size > 1:  # the same decision on every rank (Lightning's handler saves collectively)
                 received = int(trainer.strategy.reduce(torch.tensor(received, device=pl_module.device),
@@ -243,13 +262,18 @@ class RunCheckpoint(ModelCheckpoint):
             return
         candidates = self._monitor_candidates(trainer)
         self._epoch = pl_module.history[-1]["epoch"] if pl_module.history else None
+        if trainer.should_stop and self._epoch is not None and self._epoch < pl_module.epochs:
+            # A user callback (EarlyStopping) ended the run at this epoch; Lightning calls this checkpoint callback
+            # after all others, so the decision is known here and goes into this epoch's last.ckpt.
+            pl_module.stopped_early = stop_record(trainer, self._epoch, pl_module.epochs)
         self._save_topk_checkpoint(trainer, candidates)
         if trainer.is_global_zero:
             write_history(self.run_dir, pl_module.history)
             kill_point("history", self._epoch)
-            last = len(pl_module.history) and pl_module.history[-1]["epoch"] == pl_module.epochs
-            atomic_write_json(self.run_dir / "summary.json",
-                              summarise(pl_module.history, finished=bool(last), select=pl_module.select))
+            stopped = getattr(pl_module, "stopped_early", None)
+            atomic_write_json(self.run_dir / "summary.json", summarise(
+                pl_module.history, finished=is_finished(pl_module.history, pl_module.epochs, stopped),
+                select=pl_module.select, stopped_early=stopped))
             kill_point("summary.json", self._epoch)
         self._save_last_checkpoint(trainer, candidates)
 
@@ -271,6 +295,18 @@ class RunCheckpoint(ModelCheckpoint):
             # point is the previous epoch's (or signal's) last.ckpt.
             print(f"robustdiff: stopped by {type(exception).__name__}; the last saved state is {self.last_path} "
                   "— run the same command again to resume from it (bit for bit).", flush=True)
+
+
+def stop_record(trainer: pl.Trainer, epoch: int, epochs: int) -> dict[str, Any]:
+    """What summary.json says about a run that a callback stopped after ``epoch`` (1-based) of ``epochs``: the
+    EarlyStopping that stopped it at this epoch, with its reason; or, when some other callback set
+    ``trainer.should_stop``, a record saying just that."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, EarlyStopping) and cb.stopping_reason_message and cb.stopped_epoch == trainer.current_epoch:
+            return {"epoch": epoch, "epochs": epochs, "by": type(cb).__name__, "monitor": cb.monitor,
+                    "reason": cb.stopping_reason_message, "stopping_reason": cb.stopping_reason.name.lower()}
+    return {"epoch": epoch, "epochs": epochs, "by": "a callback", "monitor": None,
+            "reason": "a callback set trainer.should_stop", "stopping_reason": None}
 
 
 def requeue_signal(trainer: pl.Trainer) -> int | None:
@@ -308,5 +344,5 @@ def fmt_acc(value: float | None) -> str:
 
 
 __all__ = ["AtomicCheckpointIO", "CheckpointFileError", "load_checkpoint_file", "RunCheckpoint", "EpochSummary",
-           "requeue_signal", "write_history", "summarise", "republish", "fmt_acc", "atomic_path", "kill_point",
-           "SimulatedKill", "KILL_ENV"]
+           "requeue_signal", "write_history", "summarise", "is_finished", "stop_record", "republish", "fmt_acc",
+           "atomic_path", "kill_point", "SimulatedKill", "KILL_ENV"]

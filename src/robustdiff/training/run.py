@@ -255,11 +255,69 @@ def build_logger(cfg: DictConfig, run_dir: Path, name: str, job_type: str = "tra
     raise ConfigError(f"logger.name={kind!r}: choose csv, wandb or none")
 
 
+def user_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The ``callbacks`` group's entries (``{name: {_target_: ..., **kwargs}}``, lightning-hydra-template style),
+    instantiated and checked before any data is read; make_trainer adds them after robustdiff's own callbacks.
+    A null entry is skipped (``callbacks.<name>=null`` removes one)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    entries = cfg.get("callbacks")
+    if entries is None:  # configs without the group (robustdiff-train-edm, runs saved before it existed)
+        return []
+    if not isinstance(entries, DictConfig):
+        raise ConfigError(f"callbacks={entries!r}: choose a group option (callbacks=none|early_stopping) or give "
+                          "entries such as +callbacks.<name>._target_=pytorch_lightning.callbacks.<Class>")
+    select = cfg.eval.get("select", "pgd")
+    monitored = ("val_pgd_acc", "val_clean_acc") if select == "clean" else ("val_pgd_acc",)
+    built: list[pl.Callback] = []
+    for name, entry in entries.items():
+        key = f"callbacks.{name}"
+        if entry is None:
+            continue
+        if not isinstance(entry, DictConfig) or "_target_" not in entry:
+            raise ConfigError(f"{key}: needs a _target_ (e.g. {key}._target_=pytorch_lightning.callbacks."
+                              f"EarlyStopping), or {key}=null to drop the entry")
+        try:
+            callback = instantiate(entry)
+        except InstantiationException as e:
+            raise ConfigError(f"{key}._target_={entry._target_}: cannot be built ({e}); give the full import path "
+                              "of a Lightning callback (pytorch_lightning.callbacks.<Class>) and its arguments") \
+                from None
+        kind = type(callback).__name__
+        if not isinstance(callback, pl.Callback):
+            raise ConfigError(f"{key}._target_={entry._target_}: builds a {kind}, not a Lightning callback "
+                              "(pytorch_lightning.Callback); use a callback class or drop the entry")
+        if isinstance(callback, pl.callbacks.Checkpoint):
+            raise ConfigError(f"{key}._target_={entry._target_}: robustdiff owns checkpointing: its RunCheckpoint "
+                              "(a ModelCheckpoint on val_pgd_acc, ties -> later epoch) writes best.ckpt, model.pt "
+                              "and last.ckpt in the order that lets a run resume bit for bit and never leaves the "
+                              "run files ahead of last.ckpt; a second checkpoint callback (or OnExceptionCheckpoint, "
+                              "which saves wherever an exception strikes, possibly mid-step) would break that. "
+                              "Drop the entry; the best model is checkpoints/best.ckpt and model.pt")
+        if isinstance(callback, pl.callbacks.ProgressBar):
+            raise ConfigError(f"{key}._target_={entry._target_}: robustdiff adds its own progress bar (turn it off "
+                              "with trainer.enable_progress_bar=false); drop the entry")
+        if isinstance(callback, pl.callbacks.EarlyStopping):
+            if callback.monitor not in monitored:
+                raise ConfigError(f"{key}.monitor={callback.monitor!r}: robustdiff logs {' and '.join(monitored)} "
+                                  "once per epoch (val_clean_acc with eval.select=clean); monitor one of them")
+            if callback.mode != "max":
+                raise ConfigError(f"{key}.mode={callback.mode!r}: {callback.monitor} is an accuracy; use mode=max")
+            if callback._check_on_train_epoch_end:
+                raise ConfigError(f"{key}.check_on_train_epoch_end=true: the decision must be taken at the end of "
+                                  "validation, before the epoch's last.ckpt is written, so that the checkpoint "
+                                  "records it (and a resumed run continues the patience count); set it to false")
+            callback._check_on_train_epoch_end = False  # null would mean true here (validation once per epoch)
+        built.append(callback)
+    return built
+
+
 # Trainer arguments robustdiff sets itself (cfg.trainer may repeat them only with the same value), and why.
 CONTROLLED = {
     "default_root_dir": "the run directory is run_root/<name>",
     "logger": "choose logger=csv|wandb|none",
-    "callbacks": "robustdiff's checkpoint callback publishes the run files in order",
+    "callbacks": "robustdiff's checkpoint callback publishes the run files in order (add yours with callbacks=...)",
     "plugins": "checkpoints are written atomically and read with weights_only=True",
     "precision": "set precision=... (top level): run.json records it",
     "enable_checkpointing": "checkpoints are how a run resumes",
@@ -268,8 +326,8 @@ CONTROLLED = {
     "num_sanity_val_steps": "an evaluation before training would attack an untrained model for nothing",
     "max_epochs": "set epochs=... (the schedule and EMA warm-up depend on it)",
     "max_steps": "set epochs=... (the schedule and EMA warm-up depend on it)",
-    "min_epochs": "a run is exactly `epochs` long",
-    "min_steps": "a run is exactly `epochs` long",
+    "min_epochs": "a run is `epochs` long (shorter only when a callbacks= entry such as EarlyStopping stops it)",
+    "min_steps": "a run is `epochs` long (shorter only when a callbacks= entry such as EarlyStopping stops it)",
     "max_time": "stop a run with a signal (SIGTERM/SIGUSR1/Ctrl-C): it then saves at a step boundary",
     "check_val_every_n_epoch": "every epoch is evaluated (best epoch by validation PGD, SPEC §5)",
     "val_check_interval": "every epoch is evaluated once, at its end",
@@ -309,12 +367,13 @@ def trainer_arguments(cfg: DictConfig, controlled: dict[str, Any]) -> dict[str, 
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, validation: bool = True,
-                 job_type: str = "train", **kwargs: Any) -> pl.Trainer:
+                 job_type: str = "train", extra_callbacks: list | tuple = (), **kwargs: Any) -> pl.Trainer:
     """The Trainer every robustdiff job uses, built from cfg.trainer (any Trainer argument) plus what robustdiff
     controls: atomic weights-only checkpoints through our callbacks, our own per-rank data sharding, the
     validation loop once per epoch (``validation``: the job has one), the job's length (``kwargs``:
     max_epochs/steps) and SLURM auto-requeue on SIGUSR1 through Lightning's SLURMEnvironment.
-    ``job_type``: train or edm (W&B)."""
+    ``job_type``: train or edm (W&B). ``extra_callbacks`` (the user's, from user_callbacks) come after all of
+    robustdiff's own."""
     plugins: list = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
@@ -337,6 +396,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, validation: bo
         # The bar reads the step loss (a device->host sync); refreshing it every log interval keeps GPU steps async.
         callbacks = [*callbacks, pl.callbacks.TQDMProgressBar(refresh_rate=user.get("log_every_n_steps", 50))]
     user.setdefault("enable_model_summary", False)
+    callbacks = [*callbacks, *extra_callbacks]
     return pl.Trainer(**{**user, **controlled}, logger=logger, callbacks=callbacks, plugins=plugins)
 
 
@@ -384,6 +444,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     a debug run never resumes, and Hydra puts it under <run_root>/debug/, away from real runs."""
     run_dir = Path(run_dir)
     attack = validate(cfg)
+    extra = user_callbacks(cfg)
     cfg.precision = resolve_precision(str(cfg.precision), str(cfg.trainer.accelerator))  # run.json records the choice
     info = get_info(cfg.dataset.name)
     dm = build_datamodule(cfg)
@@ -391,10 +452,11 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     # One process per run directory for the life of the job (DDP ranks started for it don't take it).
     lock = DirectoryLock(run_dir, "robustdiff-train") if is_launching_process() else contextlib.nullcontext()
     with lock:
-        return _train(cfg, run_dir, attack, info, dm, store)
+        return _train(cfg, run_dir, attack, info, dm, store, extra)
 
 
-def _train(cfg: DictConfig, run_dir: Path, attack: AttackConfig, info, dm: RobustDataModule, store) -> dict[str, Any]:
+def _train(cfg: DictConfig, run_dir: Path, attack: AttackConfig, info, dm: RobustDataModule, store,
+           extra_callbacks: list) -> dict[str, Any]:
     debug = cfg.get("debug_mode")
     if is_launching_process():
         remove_orphan_temporaries(run_dir)  # half-written files of a process that died mid-write
@@ -414,7 +476,9 @@ def _train(cfg: DictConfig, run_dir: Path, attack: AttackConfig, info, dm: Robus
         else:
             committed = json.loads(summary_path.read_text()) if summary_path.is_file() else None
         if committed is not None and committed.get("finished"):
-            print(f"robustdiff: {run_dir} is already finished (best epoch {committed.get('best_epoch')}); "
+            stopped = committed.get("stopped_early")
+            early = f", stopped early at epoch {stopped['epoch']}" if stopped else ""
+            print(f"robustdiff: {run_dir} is already finished (best epoch {committed.get('best_epoch')}{early}); "
                   "nothing to do.")
             return committed
     else:
@@ -425,7 +489,8 @@ def _train(cfg: DictConfig, run_dir: Path, attack: AttackConfig, info, dm: Robus
     desc["val_split"] = dm.val_split_info  # rule, seed, size and classes covered of the validation images
     checkpoint = RunCheckpoint(run_dir, interrupt_after_steps=cfg.get("interrupt_after_steps"),
                                monitor=f"val_{select}_acc")
-    trainer = make_trainer(cfg, run_dir, [checkpoint, EpochSummary()], max_epochs=cfg.epochs)
+    trainer = make_trainer(cfg, run_dir, [checkpoint, EpochSummary()], extra_callbacks=extra_callbacks,
+                           max_epochs=cfg.epochs)
     write_run_files(trainer, run_dir, desc, cfg)
     resume = checkpoint.last_path if checkpoint.last_path.is_file() and not debug else None
     if resume is not None and trainer.is_global_zero:
@@ -456,6 +521,9 @@ def print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
               "are not real results.")
     if "best_epoch" not in summary:
         return
+    if stopped := summary.get("stopped_early"):
+        print(f"robustdiff: stopped early after epoch {stopped['epoch']} of {stopped['epochs']} by {stopped['by']}: "
+              f"{stopped['reason']}")
     print(f"robustdiff: {run_dir}\n"
           f"  best epoch {summary['best_epoch']}: val PGD {fmt_acc(summary['best_val_pgd_acc'])}, "
           f"test clean {fmt_acc(summary['test_clean_acc_best'])}\n"
