@@ -287,6 +287,8 @@ def plot_sweep(runs: Sequence[Run], out_png: str | os.PathLike, title: str = "")
             axes[0].plot([best], [ys[xs.index(best)]], marker="*", color=colour, markersize=11, linestyle="none")
         xs, ys = _series(run.history, "test_pgd_acc")
         axes[1].plot(xs, ys, color=colour, label=label, marker="o", markersize=4)
+    if axes[0].has_data():  # the same epoch axis in both panels (test PGD is sparse: every test_every epochs)
+        axes[1].set_xlim(axes[0].get_xlim())
     steps = {pgd_steps(r) for r in runs}
     pgd = f"PGD-{steps.pop()}" if len(steps) == 1 and None not in steps else "PGD"
     for ax, split in zip(axes, ("validation", "test")):
