@@ -154,16 +154,7 @@ def run_demo(args: argparse.Namespace) -> dict:
 def measure_generator(args: argparse.Namespace, out: Path, store: Path) -> dict:
     """A classifier trained normally on real data, then the store's classifier FD and label agreement against
     held-out test images, and the same for as many held-out real training images (the floor)."""
-    from ..data.datasets import get_info, load_split
-    from ..evaluation.generative import (
-        batches_of,
-        compute_statistics,
-        feature_extractor,
-        load_statistics,
-        real_floor,
-        save_statistics,
-        score_store,
-    )
+    from ..evaluation.generative import reference_and_floor, score_store
     from ..training.run import train
     from ..utils.io import atomic_write_json
 
@@ -180,20 +171,10 @@ def measure_generator(args: argparse.Namespace, out: Path, store: Path) -> dict:
     path = qdir / "quality.json"
     if path.is_file():
         return json.loads(path.read_text())
-    info = get_info("fashionmnist")
-    features, meta, model = feature_extractor("classifier", classifier=clf_dir, dataset=info.name)
     ref_path = qdir / "reference.npz"
-    if not ref_path.is_file():
-        test_x, _ = load_split(info.name, "test", args.data_dir)
-        source = f"{info.name}:test[0:{args.fd_reference}]"
-        save_statistics(ref_path, compute_statistics(features, batches_of(test_x[:args.fd_reference]),
-                                                     meta={**meta, "source": source}))
-    ref = load_statistics(ref_path)
+    floor = reference_and_floor(clf_dir, "fashionmnist", args.data_dir, ref_path, ("test", 0, args.fd_reference),
+                                ("train", args.floor_start, args.n_generated))
     generated = score_store(store, ref_path, features="classifier", classifier=clf_dir, n=None)
-    train_x, train_y = load_split(info.name, "train", args.data_dir)
-    a, b = args.floor_start, args.floor_start + generated["n"]
-    floor = real_floor(features, model, ref, train_x[a:b], train_y[a:b], info.num_classes,
-                       f"{info.name}:train[{a}:{b}]", meta)
     result = {"generated": generated, "floor": floor, "edm_kimg": args.edm_kimg, "sampler_steps": args.sampler_steps}
     atomic_write_json(path, result)
     return result

@@ -120,15 +120,8 @@ def train_classifier(spec: DictConfig, out: Path, data_dir: str) -> Path:
 
 
 def reference_statistics(spec: DictConfig, out: Path, classifier: Path, data_dir: str) -> dict[str, Any]:
-    from ..data.datasets import get_info, load_split
-    from ..evaluation.generative import (
-        batches_of,
-        compute_statistics,
-        feature_extractor,
-        load_statistics,
-        real_floor,
-        save_statistics,
-    )
+    from ..data.datasets import get_info
+    from ..evaluation.generative import reference_and_floor
     from ..utils.io import atomic_write_json
 
     qdir = out / "quality"
@@ -139,26 +132,15 @@ def reference_statistics(spec: DictConfig, out: Path, classifier: Path, data_dir
     _stage("2/9 reference statistics", f"robustdiff-fid ref --dataset {info.name} --split {spec.reference.split} "
            f"--start {spec.reference.start} --count {spec.reference.count} --features classifier "
            f"--classifier {classifier} --out {ref_path}")
-    features, meta, clf = feature_extractor("classifier", classifier=classifier, dataset=info.name,
-                                            num_classes=info.num_classes, channels=info.image_shape[2])
-
-    def split(part: DictConfig, count: int) -> tuple[Any, Any, str]:
-        images, labels = load_split(info.name, part.split, data_dir)
-        a, b = int(part.start), int(part.start) + int(count)
-        if b > len(images):
-            raise StudyError(f"{part.split}[{a}:{b}] is outside the {len(images)} images of {info.name}")
-        return images[a:b], labels[a:b], f"{info.name}:{part.split}[{a}:{b}]"
-
-    if not ref_path.is_file():
-        images, _, source = split(spec.reference, spec.reference.count)
-        stats = compute_statistics(features, batches_of(images), meta={**meta, "source": source})
-        save_statistics(ref_path, stats)
-    ref = load_statistics(ref_path)
-    images, labels, source = split(spec.floor, spec.generate.n)
-    result = real_floor(features, clf, ref, images, labels, info.num_classes, source, meta)
-    result["reference"] = str(ref_path)
+    try:
+        result = reference_and_floor(
+            classifier, info.name, data_dir, ref_path,
+            (spec.reference.split, int(spec.reference.start), int(spec.reference.count)),
+            (spec.floor.split, int(spec.floor.start), int(spec.generate.n)))
+    except ValueError as e:
+        raise StudyError(str(e)) from None
     atomic_write_json(floor_path, result)
-    print(f"robustdiff-study: real images {source}: classifier FD {result['value']:.3f}, "
+    print(f"robustdiff-study: real images {result['source']}: classifier FD {result['value']:.3f}, "
           f"label agreement {100 * result['label_agreement']:.2f}% (the floor)")
     return result
 

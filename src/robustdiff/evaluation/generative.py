@@ -394,3 +394,33 @@ __all__ = [
     "load_feature_classifier", "compute_statistics", "label_agreement", "batches_of", "store_batches",
     "feature_extractor", "check_same_space", "score_store", "real_floor",
 ]
+
+
+def reference_and_floor(classifier: str | os.PathLike, dataset: str, data_dir: str | os.PathLike | None,
+                        ref_path: str | os.PathLike, reference: tuple[str, int, int], floor: tuple[str, int, int]
+                        ) -> dict[str, Any]:
+    """The classifier-feature reference statistics of real images ``reference = (split, start, count)`` (computed
+    into ``ref_path`` unless it exists) and the floor: the same measurement on the real images ``floor`` — what a
+    perfect generator of that many images would score. Returns ``real_floor``'s result plus ``reference`` (the path).
+    Used by robustdiff-demo and robustdiff-study."""
+    from ..data.datasets import get_info, load_split
+
+    info = get_info(dataset)
+    features, meta, clf = feature_extractor("classifier", classifier=classifier, dataset=info.name,
+                                            num_classes=info.num_classes, channels=info.image_shape[2])
+
+    def part(split: str, start: int, count: int) -> tuple[np.ndarray, np.ndarray, str]:
+        images, labels = load_split(info.name, split, data_dir)
+        a, b = int(start), int(start) + int(count)
+        if b > len(images):
+            raise ValueError(f"{split}[{a}:{b}] is outside the {len(images)} {split} images of {info.name}")
+        return images[a:b], labels[a:b], f"{info.name}:{split}[{a}:{b}]"
+
+    ref_path = Path(ref_path)
+    if not ref_path.is_file():
+        images, _, source = part(*reference)
+        save_statistics(ref_path, compute_statistics(features, batches_of(images), meta={**meta, "source": source}))
+    images, labels, source = part(*floor)
+    result = real_floor(features, clf, load_statistics(ref_path), images, labels, info.num_classes, source, meta)
+    result["reference"] = str(ref_path)
+    return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shlex
 import signal
@@ -33,6 +34,8 @@ from .logging import finish as finish_wandb
 # Our LightningModule, not the DataModule, moves batches to the device on purpose (augmentation on device).
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+# Lightning's advertisement for its hosted logger on every Trainer start: noise in a run's console.
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 
 # Fields that define what a run *is*: resuming with any of them changed is refused.
 IDENTITY_FIELDS = ("dataset", "model", "num_classes", "in_channels", "norm", "loss", "epochs", "batch_size",
@@ -209,10 +212,11 @@ def describe(cfg: DictConfig, attack: AttackConfig, n_generated: int) -> dict[st
 ADDED_KEYS = {"last_batch": "fill", "val_seed": 0, "val_split": None, "debug_mode": None}
 
 
-def identity_with_added_keys(identity: dict[str, Any]) -> dict[str, Any]:
-    """A recorded identity completed with ADDED_KEYS (TinyImageNet runs before val_split took its first images)."""
-    legacy = dict(ADDED_KEYS)
-    if identity.get("dataset.name") == "tinyimagenet":
+def identity_with_added_keys(identity: dict[str, Any], asked: dict[str, Any]) -> dict[str, Any]:
+    """A recorded identity completed with the ADDED_KEYS that the ``asked`` identity has (TinyImageNet runs before
+    val_split took their first images); an EDM run has none of them."""
+    legacy = {k: v for k, v in ADDED_KEYS.items() if k in asked}
+    if "val_split" in legacy and identity.get("dataset.name") == "tinyimagenet":
         legacy["val_split"] = "first"
     return {**legacy, **identity}
 
@@ -231,7 +235,7 @@ def check_resume(run_dir: Path, desc: dict[str, Any], fields: tuple[str, ...] = 
     diffs = [f"{k}: run has {json.dumps(old.get(k))}, you asked for {json.dumps(desc.get(k))}" for k in fields
              if json.dumps(old.get(k), sort_keys=True) != json.dumps(desc.get(k), sort_keys=True)]
     if "identity" in old and "identity" in desc:  # every key that changes the math (runs from this version on)
-        a, b = identity_with_added_keys(old["identity"]), desc["identity"]
+        a, b = identity_with_added_keys(old["identity"], desc["identity"]), desc["identity"]
         diffs += [f"{k}: run has {json.dumps(a.get(k))}, you asked for {json.dumps(b.get(k))}"
                   for k in sorted(set(a) | set(b)) if k not in fields and
                   json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
