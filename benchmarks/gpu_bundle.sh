@@ -8,12 +8,7 @@
 #   data/fashionmnist/  the four Fashion-MNIST idx .gz files (robustdiff-train's real data there).
 # Usage: make gpu-bundle [GPU_PYTHON_VERSION=3.12]   or   bash benchmarks/gpu_bundle.sh
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-py="${PYTHON:-}"
-if [ -z "$py" ]; then
-  if [ -x "$root/.venv/bin/python" ]; then py="$root/.venv/bin/python"; else py=python3; fi
-fi
-bundle="${GPU_BUNDLE:-$root/gpu_bundle}"
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"  # root, py, bundle
 pyver="${GPU_PYTHON_VERSION:-3.12}"
 # The versions this project's environment uses (pyproject: hydra-core >=1.3.4,<1.4; omegaconf >=2.3; pyautoattack >=0.2).
 wheels="${GPU_WHEELS:-hydra-core==1.3.8 omegaconf==2.3.1 pyautoattack==0.2.0}"

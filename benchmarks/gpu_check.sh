@@ -8,12 +8,7 @@
 #   bash benchmarks/gpu_check.sh --smoke         # every stage on a CPU at toy size
 # Options go to gpu_pipeline.py (--stages train,eval --budget-s 300 --out FILE); others to gpu_check.py.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-py="${PYTHON:-}"
-if [ -z "$py" ]; then
-  if [ -x "$root/.venv/bin/python" ]; then py="$root/.venv/bin/python"; else py=python3; fi
-fi
-bundle="${GPU_BUNDLE:-$root/gpu_bundle}"
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"  # root, py, bundle
 site="${GPU_SITE:-/tmp/robustdiff-site}"
 # What the GPU machine lacks (hydra-core, omegaconf, antlr4, pyautoattack) comes from the bundle's wheels,
 # installed offline; a machine that has them (this one, a cluster) skips this.
