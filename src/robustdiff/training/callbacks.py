@@ -26,6 +26,24 @@ KILL_ENV = "ROBUSTDIFF_KILL_AFTER"
 # Testing aid: "<signum>@<step>" makes the training process send itself that signal after that optimiser step.
 SIGNAL_ENV = "ROBUSTDIFF_SELF_SIGNAL"
 
+# Testing aid: "<step>:<dir>" makes the training process, after that optimiser step, write "<pid> <step>" to the
+# FIFO <dir>/ready and wait for a line on the FIFO <dir>/go, so that another process can signal it at exactly that
+# step boundary.
+GATE_ENV = "ROBUSTDIFF_STEP_GATE"
+
+
+def step_gate(step: int) -> None:
+    want = os.environ.get(GATE_ENV)
+    if not want:
+        return
+    at, _, folder = want.partition(":")
+    if int(at) != step:
+        return
+    with open(Path(folder) / "ready", "w") as ready:
+        ready.write(f"{os.getpid()} {step}\n")
+    with open(Path(folder) / "go") as go:
+        go.readline()
+
 
 def stop_requested(signum: int, already: int | None) -> int:
     """The rule of every robustdiff job's signal handler: note the signal, save and stop at the next step
@@ -178,6 +196,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._signal: int | None = None
         self.received: int | None = None  # a real signal (not the interrupt_after_steps testing aid)
         self._previous: dict[int, Any] = {}
+        self._stop_at_epoch_end = False
 
     @property
     def last_path(self) -> Path:
@@ -234,27 +253,41 @@ class RunCheckpoint(ModelCheckpoint):
             signum, _, step = self_signal.partition("@")
             if trainer.global_step >= int(step or 0):
                 os.kill(os.getpid(), int(signum))
+        step_gate(trainer.global_step)
         stop = self._signal is not None
         if trainer.world_size > 1:
             # A signal may reach one rank only; every rank must save and stop on the same step.
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if stop and not pl_module.interrupted:
-            pl_module.interrupted = True
-            trainer.save_checkpoint(self.last_path, weights_only=False)
-            trainer.should_stop = True
-            # No validation loop for the unfinished epoch (Lightning runs one after should_stop): there is nothing
-            # to evaluate, and user callbacks (EarlyStopping) would judge the previous epoch's metrics once more,
-            # or fail on a metric not logged yet in the first epoch.
-            trainer.limit_val_batches = 0
-            received = self.received or 0
-            if trainer.world_size > 1:  # the same decision on every rank (Lightning's handler saves collectively)
-                received = int(trainer.strategy.reduce(torch.tensor(received, device=pl_module.device),
-                                                       reduce_op="max"))
-            if received and requeue_signal(trainer) == received:
-                # SLURM warned of the job's end: Lightning's SLURMEnvironment handler requeues it (scontrol
-                # requeue); the requeued job runs the same command and resumes in place from last.ckpt, saved
-                # just now at this step boundary.
-                trainer._signal_connector._slurm_sigusr_handler_fn(received, None)
+        if not stop or pl_module.interrupted or self._stop_at_epoch_end:
+            return
+        if batch_idx + 1 >= trainer.num_training_batches:
+            # The epoch's last step: a state saved here could not resume (Lightning would take the epoch for done
+            # and skip its evaluation). The epoch is finished instead — evaluated and published, last.ckpt written
+            # as at every epoch end — and the run stops at that commit point (on_validation_end).
+            self._stop_at_epoch_end = True
+            if trainer.is_global_zero:
+                print("robustdiff: stop requested on the epoch's last step — evaluating and saving this epoch, "
+                      "then stopping", flush=True)
+            return
+        pl_module.interrupted = True
+        trainer.save_checkpoint(self.last_path, weights_only=False)
+        trainer.should_stop = True
+        # No validation loop for the unfinished epoch (Lightning runs one after should_stop): there is nothing
+        # to evaluate, and user callbacks (EarlyStopping) would judge the previous epoch's metrics once more,
+        # or fail on a metric not logged yet in the first epoch.
+        trainer.limit_val_batches = 0
+        self._requeue_if_asked(trainer, pl_module)
+
+    def _requeue_if_asked(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        received = self.received or 0
+        if trainer.world_size > 1:  # the same decision on every rank (Lightning's handler saves collectively)
+            received = int(trainer.strategy.reduce(torch.tensor(received, device=pl_module.device),
+                                                   reduce_op="max"))
+        if received and requeue_signal(trainer) == received:
+            # SLURM warned of the job's end: Lightning's SLURMEnvironment handler requeues it (scontrol
+            # requeue); the requeued job runs the same command and resumes in place from last.ckpt, saved
+            # just now at this step boundary.
+            trainer._signal_connector._slurm_sigusr_handler_fn(received, None)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Publish the epoch: best.ckpt and model.pt (a new best), history.* and summary.json, last.ckpt."""
@@ -276,6 +309,14 @@ class RunCheckpoint(ModelCheckpoint):
                 select=pl_module.select, stopped_early=stopped))
             kill_point("summary.json", self._epoch)
         self._save_last_checkpoint(trainer, candidates)
+        if self._stop_at_epoch_end:
+            # A signal came on this epoch's last step: the epoch is now committed, stop here. (After the
+            # early-stopping check above, so the stop is not recorded as a callback's decision.)
+            self._stop_at_epoch_end = False
+            if not is_finished(pl_module.history, pl_module.epochs, getattr(pl_module, "stopped_early", None)):
+                pl_module.interrupted = True
+            trainer.should_stop = True
+            self._requeue_if_asked(trainer, pl_module)
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
@@ -345,4 +386,4 @@ def fmt_acc(value: float | None) -> str:
 
 __all__ = ["AtomicCheckpointIO", "CheckpointFileError", "load_checkpoint_file", "RunCheckpoint", "EpochSummary",
            "requeue_signal", "write_history", "summarise", "is_finished", "stop_record", "republish", "fmt_acc",
-           "atomic_path", "kill_point", "SimulatedKill", "KILL_ENV"]
+           "atomic_path", "kill_point", "SimulatedKill", "KILL_ENV", "GATE_ENV", "step_gate"]
