@@ -3,6 +3,8 @@ a second run of the same command redoes nothing."""
 
 import json
 
+import pytest
+
 from robustdiff.cli.demo import build_parser, run_demo
 
 TINY_DEMO = ["--edm-kimg", "0.192", "--edm-limit-train", "512", "--n-generated", "40", "--sampler-steps", "2",
@@ -48,3 +50,17 @@ def test_demo_pipeline_runs_every_stage_and_resumes(tmp_path):
     again = run_demo(args)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert sum(again["seconds"].values()) < sum(result["seconds"].values())
+
+
+@pytest.mark.parametrize("gen_aa", [40.0, 60.0])
+def test_demo_verdict_says_its_short_run_cannot_show_the_effect_whichever_way_it_comes_out(gen_aa):
+    from robustdiff.cli.demo import quality_section
+
+    score = {"value": 2.0, "label_agreement": 0.5, "n": 40, "classifier": "clf", "classifier_model": "wrn-10-2",
+             "classifier_test_clean_acc": 0.8, "reference_source": "test", "source": "train[50000:50040]"}
+    quality = {"generated": score, "floor": {**score, "value": 0.05, "label_agreement": 0.8}, "edm_kimg": 1,
+               "sampler_steps": 8}
+    rows = [{"run": "real", "autoattack": 50.0}, {"run": "generated", "autoattack": gen_aa}]
+    text = quality_section(quality, rows)["text"]
+    assert ("higher" if gen_aa > 50 else "lower") in text
+    assert "cannot show the paper's effect" in text and "experiments/README.md" in text

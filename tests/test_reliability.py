@@ -416,3 +416,22 @@ def test_run_from_before_added_keys_resumes_only_with_their_old_behaviour(tmp_pa
 
     legacy = [*overrides, "last_batch=fill"] + (["val_split=first"] if dataset == "tinyimagenet" else [])
     check_resume(tmp_path, description(compose_train(*legacy)))  # the same math: resumes
+
+
+def test_a_refused_resume_leaves_the_runs_recorded_configuration_as_it_ran(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cli = Path(sys.executable).parent / "robustdiff-train"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [str(cli), *TINY, "eval.steps=1", f"run_root={tmp_path}", "name=run"]
+    proc = subprocess.run([*argv, "epochs=1"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hydra_dir = tmp_path / "run" / ".hydra"
+    recorded = {f: (hydra_dir / f).read_text() for f in ("config.yaml", "hydra.yaml", "overrides.yaml")}
+    assert "epochs=1" in recorded["overrides.yaml"]
+    proc = subprocess.run([*argv, "epochs=3"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "robustdiff-train: error:" in proc.stderr, proc.stderr[-2000:]
+    assert {f: (hydra_dir / f).read_text() for f in recorded} == recorded
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".hydra")) == [".hydra"]

@@ -48,3 +48,44 @@ def remove_unused_run_dir(run_dir: Path) -> bool:
         if d.is_dir() and not any(d.iterdir()):
             d.rmdir()
     return True
+
+
+# Hydra writes its config copies here, not into .hydra/: a command that is refused (a resume with another
+# configuration, a locked run) must not rewrite the record of the run it names. They move to .hydra/ once the
+# job has been accepted (publish_hydra_files) and are removed when it is refused (discard_hydra_files).
+PENDING_SUBDIR = ".hydra-pending"
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+
+
+def _pending(run_dir: Path) -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    sub = HydraConfig.get().output_subdir
+    return run_dir / sub if sub == PENDING_SUBDIR else None
+
+
+def publish_hydra_files(run_dir: Path) -> None:
+    """Move the accepted job's Hydra config copies into ``<run_dir>/.hydra/`` (each by an atomic rename)."""
+    import os
+
+    pending = _pending(run_dir)
+    if pending is None or not pending.is_dir():
+        return
+    final = run_dir / ".hydra"
+    final.mkdir(exist_ok=True)
+    for name in HYDRA_FILES:
+        if (pending / name).is_file():
+            os.replace(pending / name, final / name)
+    if not any(pending.iterdir()):
+        pending.rmdir()
+
+
+def discard_hydra_files(run_dir: Path) -> None:
+    """Remove a refused job's Hydra config copies; the run's own ``.hydra/`` stays as it was."""
+    pending = _pending(run_dir)
+    if pending is None or not pending.is_dir():
+        return
+    for name in HYDRA_FILES:
+        (pending / name).unlink(missing_ok=True)
+    if not any(pending.iterdir()):
+        pending.rmdir()

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ..utils.extras import missing_extra
-from .hydra_conf import CONF_DIR, CONFIG_PATH, remove_unused_run_dir  # noqa: F401  (CONF_DIR: for callers that compose configs)
+from .hydra_conf import CONF_DIR, CONFIG_PATH, discard_hydra_files, publish_hydra_files, remove_unused_run_dir  # noqa: F401  (CONF_DIR: for callers that compose configs)
 from .sweep import own_job_argv
 
 
@@ -31,13 +31,16 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             summary = train(cfg, run_dir)
     except (ConfigError, DirectoryLockedError, StoreError, DatasetError, CheckpointFileError) as e:
         print(f"robustdiff-train: error: {e}", file=sys.stderr)
-        remove_unused_run_dir(run_dir)  # a rejected config leaves no run directory behind
+        if not remove_unused_run_dir(run_dir):  # a rejected config leaves no run directory behind
+            discard_hydra_files(run_dir)  # and an existing run's recorded configuration as it was
         sys.exit(2)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
         print(f"robustdiff-train: error: {e.strerror}", file=sys.stderr)  # full disk: says which file; the rest is intact
         sys.exit(1)
+    finally:
+        publish_hydra_files(run_dir)  # a no-op after a refusal (already discarded)
     wait_for_requeue(summary)
     if summary.get("signal"):
         sys.exit(128 + summary["signal"])  # saved, but not done: `a && b` chains stop (143 for SIGTERM)
