@@ -190,7 +190,7 @@ def test_fid_path_end_to_end_with_a_random_inception(tmp_path, test_images):
             return (print, ("owned",))
 
     torch.save({"x": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(QualityError, match="not a weights-only"):
+    with pytest.raises(QualityError, match="cannot be read as Inception weights"):
         load_inception(tmp_path / "evil.pth")
     with pytest.raises(QualityError) as e:
         load_inception(tmp_path / "nowhere.pth")

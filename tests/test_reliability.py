@@ -435,3 +435,55 @@ def test_a_refused_resume_leaves_the_runs_recorded_configuration_as_it_ran(tmp_p
     assert proc.returncode == 2 and "robustdiff-train: error:" in proc.stderr, proc.stderr[-2000:]
     assert {f: (hydra_dir / f).read_text() for f in recorded} == recorded
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".hydra")) == [".hydra"]
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_a_test_subset_of_zero_or_fewer_images_is_refused(value):
+    with pytest.raises(ConfigError, match=f"limit_test={value} must be a whole number >= 1"):
+        train(compose_train(*TINY, f"limit_test={value}"), "/nonexistent/never-created")
+
+
+class _Payload:
+    """Pickles to a call that creates a marker file: it shows whether a loader ran the file's code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_file_with_code_in_it_is_refused_without_torchs_advice_and_never_runs(command, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    marker = tmp_path / "code-ran"
+    bad = tmp_path / "network.pt"
+    torch.save({"kwargs": {}, "ema": _Payload(marker)}, bad)
+    bindir = Path(sys.executable).parent
+    argv = ([str(bindir / "robustdiff-generate"), f"network={bad}", "n=10", f"out={tmp_path / 'store'}"]
+            if command == "generate" else
+            [str(bindir / "robustdiff-eval"), str(bad), "--dataset", "fashionmnist", "--out", str(tmp_path / "ev")])
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and f"{bad}: cannot be read" in text and "refuses to unpickle" in text, text[-3000:]
+    assert "weights_only" not in text and "Traceback" not in text and not marker.exists()
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "store").exists()
+
+
+def test_a_truncated_model_given_to_eval_is_named(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    train(compose_train(*TINY, "epochs=1", "eval.steps=1"), run)
+    (run / "model.pt").write_bytes((run / "model.pt").read_bytes()[:2000])
+    proc = subprocess.run([str(Path(sys.executable).parent / "robustdiff-eval"), str(run / "model.pt"), "--dataset",
+                           "fashionmnist", "--out", str(tmp_path / "ev")], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode != 0 and "truncated or corrupt" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "ev").exists()

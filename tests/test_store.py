@@ -317,3 +317,47 @@ def test_cli_import_info_verify_export(tmp_path, capsys):
     assert "no manifest" in capsys.readouterr().err
     assert store_cli(["import", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "t")]) == 1
     assert "missing.npz" in capsys.readouterr().err
+
+
+def test_an_empty_npz_is_refused_and_an_empty_store_cannot_be_read(tmp_path, capsys):
+    np.savez(tmp_path / "empty.npz", image=np.zeros((0, 8, 8, 3), np.uint8), label=np.zeros(0, np.int64))
+    assert store_cli(["import", str(tmp_path / "empty.npz"), "--out", str(tmp_path / "s"), "--no-progress"]) != 0
+    assert "no images to import" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    from conftest import TINY, compose_train
+    from robustdiff.training.run import train
+
+    with StoreWriter(tmp_path / "written", (28, 28, 1), 10) as w:  # a writer closed with nothing appended
+        pass
+    assert w.count == 0 and len(GeneratedStore(tmp_path / "written")) == 0  # a store can be empty...
+    with pytest.raises(StoreError, match="holds no images, so no batch could hold the 70% generated"):
+        train(compose_train(*TINY, f"generated={tmp_path / 'written'}", "ratio=0.3"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # ...but training on it is refused before anything starts
+
+
+def test_channels_first_images_are_refused_with_the_conversion(tmp_path, capsys):
+    np.savez(tmp_path / "nchw.npz", image=np.zeros((100, 1, 28, 28), np.uint8), label=np.zeros(100, np.int64))
+    assert store_cli(["import", str(tmp_path / "nchw.npz"), "--out", str(tmp_path / "s"), "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "channels-first" in err and "transpose(0, 2, 3, 1)" in err and "nchw.npz" in err
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("bad", ["num_classes", "negative"])
+def test_a_refused_import_leaves_nothing_so_the_corrected_command_works(bad, tmp_path, capsys):
+    images, labels = make_data(200)
+    if bad == "negative":
+        labels = labels.copy()
+        labels[150] = -1
+    np.savez(tmp_path / "a.npz", image=images, label=labels)
+    out = tmp_path / "s"
+    first = ["import", str(tmp_path / "a.npz"), "--out", str(out), "--no-progress", "--shard-size", "64"]
+    assert store_cli([*first, *(["--num-classes", "5"] if bad == "num_classes" else [])]) != 0
+    err = capsys.readouterr().err
+    assert ("--num-classes 10" in err) if bad == "num_classes" else ("negative" in err)
+    assert not out.exists()
+    if bad == "negative":
+        labels[150] = 3
+        np.savez(tmp_path / "a.npz", image=images, label=labels)
+    assert store_cli(first) == 0
+    assert len(GeneratedStore(out)) == 200

@@ -17,6 +17,7 @@ A run directory literally named "export" must be written as ./export.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -249,6 +250,7 @@ def check_output(out: Path) -> None:
 def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     s, sources = resolve_settings(args)
     out = output_dir(args)
+    created = not out.exists()
     check_output(out)
     try:
         lock = DirectoryLock(out, "robustdiff-eval").acquire()  # training or another eval writing here: refuse
@@ -258,6 +260,11 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         return _run_evaluation(args, s, sources, out)
     finally:
         lock.release()
+        if created and {p.name for p in out.iterdir()} <= {lock.path.name}:
+            # Refused before any result was written: no folder holding only a lock file is left behind.
+            with contextlib.suppress(OSError):
+                lock.path.unlink(missing_ok=True)
+                out.rmdir()
 
 
 def _run_evaluation(args: argparse.Namespace, s: dict[str, Any], sources: dict[str, str], out: Path) -> dict[str, Any]:

@@ -63,7 +63,7 @@ from ..data.store import (
     write_block,
 )
 from ..utils.extras import missing_extra
-from ..utils.io import atomic_path, file_sha256
+from ..utils.io import UnreadableWeightsError, atomic_path, file_sha256, load_weights
 from .hydra_conf import CONFIG_PATH
 
 # torch is imported inside the functions that use it: --help, --cfg and completion answer without it.
@@ -101,7 +101,6 @@ def load_generator(path: str | os.PathLike, device: torch.device | str = "cpu"):
 def load_classifier(path: str | os.PathLike, dataset: str | None, num_classes: int, channels: int,
                     device: torch.device | str = "cpu") -> torch.nn.Module:
     """WideResNet from a robustdiff-train run directory (model.pt + run.json) or a WRN state-dict .pt."""
-    import torch
 
     from ..data.datasets import get_info
     from ..models.wrn import WideResNet
@@ -122,9 +121,9 @@ def load_classifier(path: str | os.PathLike, dataset: str | None, num_classes: i
     else:
         raise GenerationError(f"classifier={path}: no such file or run directory")
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise GenerationError(f"classifier={weights}: not a weights-only torch file ({type(e).__name__})") from e
+        state = load_weights(weights, "a classifier state dict")
+    except UnreadableWeightsError as e:
+        raise GenerationError(f"classifier={e}") from None
     for key in ("state_dict", "model"):  # common wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

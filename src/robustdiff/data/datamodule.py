@@ -148,6 +148,12 @@ class RobustDataModule(pl.LightningDataModule):
         from .store import GeneratedStore
 
         store = GeneratedStore(Path(self.generated))
+        if len(store) == 0 and self.ratio < 1:
+            from .store import MANIFEST, StoreError
+
+            raise StoreError(f"generated store {Path(self.generated) / MANIFEST}: holds no images, so no batch could "
+                             f"hold the {1 - self.ratio:.0%} generated images ratio={self.ratio:g} asks for — "
+                             "generate or import images into it, or train on real data only (no generated=)")
         store.check_compatible(self.info.image_shape, self.info.num_classes, self.info.name)
         return store
 

@@ -968,6 +968,11 @@ def _npz_part_info(path: Path) -> dict:
     with NpyMember(path, "image") as im, NpyMember(path, "label") as lab:
         if im.dtype != IMAGE_DTYPE or len(im.shape) != 4:
             raise StoreError(f"{path}: 'image' must be uint8 N×H×W×C, got {im.dtype} {im.shape}")
+        if im.shape[3] not in (1, 3):
+            hint = (f"it looks channels-first (N×C×H×W with C = {im.shape[1]}): convert it with "
+                    "images.transpose(0, 2, 3, 1)" if im.shape[1] in (1, 3) else "images have 1 or 3 channels")
+            raise StoreError(f"{path}: 'image' has shape {im.shape}, read as N×H×W×C that is {im.shape[3]} channels "
+                             f"— a store wants N×H×W×C uint8 images; {hint}")
         if not np.issubdtype(lab.dtype, np.integer) or len(lab.shape) != 1:
             raise StoreError(f"{path}: 'label' must be integers of shape (N,), got {lab.dtype} {lab.shape}")
         if lab.shape[0] != im.shape[0]:
@@ -980,12 +985,14 @@ def _npz_part_info(path: Path) -> dict:
         }
 
 
-def _max_label(path: Path, chunk: int) -> int:
-    top = -1
+def _label_range(path: Path, chunk: int) -> tuple[int, int]:
+    """(smallest, largest) label of an .npz part, one pass over its label array; (0, -1) when it has none."""
+    low, top = None, -1
     for lab in iter_npz_array(path, "label", chunk * 64):
         if lab.size:
             top = max(top, int(lab.max()))
-    return top
+            low = int(lab.min()) if low is None else min(low, int(lab.min()))
+    return (0 if low is None else low), top
 
 
 def import_npz(
@@ -1020,11 +1027,24 @@ def import_npz(
                 f"{part['path']}: images are {_fmt_shape(part['image_shape'])} but "
                 f"{parts[0]['path']} has {_fmt_shape(shape)} — parts of one store must match"
             )
-    if num_classes is None:
-        num_classes = max(_max_label(p, chunk) for p in paths) + 1
-        if num_classes < 1:
-            raise StoreError(f"{paths[0]}: no labels to infer num_classes from — pass num_classes")
     total = sum(part["count"] for part in parts)
+    if total == 0:
+        raise StoreError(f"{', '.join(str(p) for p in paths)}: no images to import (0 rows) — a store needs at "
+                         "least one image; check that this is the file you meant")
+    # Every check that can refuse the import runs before anything is written, so a refused import leaves no
+    # partial store behind and the corrected command starts afresh.
+    ranges = {p: _label_range(p, chunk) for p in paths}
+    for p, (low, _) in ranges.items():
+        if low < 0:
+            raise StoreError(f"{p}: 'label' holds negative values (smallest {low}) — labels must be class "
+                             "indices 0..num_classes-1")
+    top = max(t for _, t in ranges.values())
+    if num_classes is None:
+        num_classes = top + 1
+    elif top >= num_classes:
+        where = next(p for p, (_, t) in ranges.items() if t == top)
+        raise StoreError(f"{where}: 'label' holds class {top} but num_classes is {num_classes} — pass "
+                         f"--num-classes {top + 1} (or more), or import files whose labels are below {num_classes}")
     sources = [{k: part[k] for k in ("path", "bytes", "count")} for part in parts]
     prov = {"source": "import_npz", "npz_files": sources, **(provenance or {})}
 

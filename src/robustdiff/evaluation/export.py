@@ -26,7 +26,7 @@ import torch
 
 from ..data.datasets import get_info
 from ..models.wrn import WideResNet
-from ..utils.io import atomic_torch_save, atomic_write_json
+from ..utils.io import UnreadableWeightsError, atomic_torch_save, atomic_write_json, load_weights
 from .robustness import check_eps, format_count, format_eps
 
 ANCHOR = "init_conv.weight"
@@ -131,7 +131,10 @@ def load_wideresnet(
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = load_weights(path, "a model checkpoint")
+        except UnreadableWeightsError as e:
+            raise CheckpointError(str(e)) from None
     else:
         obj = source
     state_dict = extract_state_dict(obj, weights=weights, source=where)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..utils.io import atomic_path, file_sha256
+from ..utils.io import UnreadableWeightsError, atomic_path, file_sha256, load_weights
 
 FEATURE_KINDS = ("inception", "classifier")
 # torch-fidelity's converted TF-Inception weights (what torchmetrics' FID downloads when it can).
@@ -191,10 +191,9 @@ def find_inception_weights(path: str | os.PathLike | None) -> Path:
 def load_inception(path: str | os.PathLike | None) -> tuple[InceptionFeatures, dict[str, Any]]:
     weights = find_inception_weights(path)
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise QualityError(f"Inception weights {weights}: not a weights-only torch state dict "
-                           f"({type(e).__name__}: {e}); use torch-fidelity's {INCEPTION_FILE}") from e
+        state = load_weights(weights, f"Inception weights (use torch-fidelity's {INCEPTION_FILE})")
+    except UnreadableWeightsError as e:
+        raise QualityError(str(e)) from None
     try:
         module = InceptionFeatures(state)
     except RuntimeError as e:

@@ -47,7 +47,13 @@ from ..diffusion.edm import EDMPrecond, edm_loss
 from ..diffusion.sampler import sample_images
 from ..models.unet import UNET_PRESETS, resolution_pyramid, unet_preset
 from ..utils.images import image_grid, labelled_grid, save_png
-from ..utils.io import atomic_torch_save, atomic_write_json, remove_orphan_temporaries
+from ..utils.io import (
+    UnreadableWeightsError,
+    atomic_torch_save,
+    atomic_write_json,
+    load_weights,
+    remove_orphan_temporaries,
+)
 from ..utils.lock import DirectoryLock
 from .adversarial import step_seed
 from .callbacks import kill_point, load_checkpoint_file, stop_requested
@@ -104,11 +110,9 @@ def load_network(path: str | os.PathLike, device: torch.device | str = "cpu") ->
         raise NetworkFileError(f"{path}: no such network file (expected a robustdiff-edm network.pt or an "
                                f"NVIDIA EDM .pkl)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise NetworkFileError(f"{path}: cannot be read as a weights-only torch file ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''}) — expected a robustdiff-edm "
-                               f"network.pt") from e
+        obj = load_weights(path, "a robustdiff-edm network.pt")
+    except UnreadableWeightsError as e:
+        raise NetworkFileError(str(e)) from None
     if not isinstance(obj, dict) or not isinstance(obj.get("kwargs"), dict) or not isinstance(obj.get("ema"), dict):
         keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise NetworkFileError(

@@ -162,6 +162,10 @@ def validate(cfg: DictConfig) -> AttackConfig:
     need(cfg.get("last_batch", "reference") in ("reference", "fill"), f"last_batch={cfg.get('last_batch')!r}: "
          "choose reference (a short batch where a permutation of the real images ends, topped up with generated "
          "images when there are any) or fill (every batch full, continuing into the next permutation)")
+    need(cfg.limit_test is None or (isinstance(cfg.limit_test, int) and not isinstance(cfg.limit_test, bool)
+                                    and cfg.limit_test >= 1),
+         f"limit_test={cfg.limit_test!r} must be a whole number >= 1 (the first N test images), or null for the "
+         "whole test set")
     need(cfg.limit_train is None or (isinstance(cfg.limit_train, int) and cfg.limit_train > cfg.val_size + 1),
          f"limit_train={cfg.limit_train!r} must leave training images after the {cfg.val_size} validation images")
     n_real = min(cfg.limit_train or info.n_train, info.n_train) - cfg.val_size
