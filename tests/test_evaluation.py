@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import pickle
 from pathlib import Path
 
 import pytest
@@ -368,7 +367,7 @@ def test_import_errors(model, tmp_path):
                    autoattack_acc=None, n_generated=0)
     # weights_only: a checkpoint carrying an arbitrary object is refused, not executed.
     torch.save({"state_dict": sd, "extra": _Arbitrary()}, tmp_path / "unsafe.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="refuses to unpickle"):
         load_wideresnet(tmp_path / "unsafe.pt", dataset=DATASET)
 
 
