@@ -96,7 +96,9 @@ def test_a_rejected_config_leaves_no_run_directory_but_keeps_an_existing_run(tmp
     (run / "run.json").write_text("{}")
     proc = subprocess.run([str(cli), "name=mine", "norm.eps=8", f"run_root={tmp_path}"], capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode == 2 and (run / "run.json").read_text() == "{}" and (run / ".hydra").is_dir()
+    assert proc.returncode == 2 and (run / "run.json").read_text() == "{}"
+    # The refused command's Hydra config copies are not left in the existing run (its record stays as it ran).
+    assert sorted(p.name for p in run.iterdir() if not p.name.endswith(".log")) == ["run.json"]
 
 
 def test_a_missing_extra_is_named(monkeypatch):
