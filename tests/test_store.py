@@ -361,3 +361,45 @@ def test_a_refused_import_leaves_nothing_so_the_corrected_command_works(bad, tmp
         np.savez(tmp_path / "a.npz", image=images, label=labels)
     assert store_cli(first) == 0
     assert len(GeneratedStore(out)) == 200
+
+
+def _damage(manifest: dict, how: str):
+    if how == "not-utf8":
+        return b"\xff\xfe{\x00"
+    if how == "a-list":
+        return json.dumps([manifest]).encode()
+    damaged = json.loads(json.dumps(manifest))
+    if how == "count-text":
+        damaged["count"] = "lots"
+    elif how == "shape-short":
+        damaged["image_shape"] = [28, 28]
+    elif how == "shard-null":
+        damaged["shards"][0] = None
+    elif how == "shard-path-escapes":
+        damaged["shards"][0]["images"] = "../../elsewhere.u8"
+    elif how == "shards-object":
+        damaged["shards"] = {"0": damaged["shards"][0]}
+    return json.dumps(damaged).encode()
+
+
+@pytest.mark.parametrize("how", ["not-utf8", "a-list", "count-text", "shape-short", "shard-null",
+                                 "shard-path-escapes", "shards-object"])
+def test_a_damaged_manifest_is_named_by_every_command_not_a_traceback(how, tmp_path, capsys):
+    images, labels = make_data(40)
+    store = tmp_path / "gen"
+    write_store(store, images, labels, shard_size=16, pieces=(0, 40))
+    mpath = store / MANIFEST
+    mpath.write_bytes(_damage(json.loads(mpath.read_text()), how))
+    with pytest.raises(StoreError) as e:
+        GeneratedStore(store)
+    message = str(e.value)
+    assert str(mpath) in message and ("damaged" in message or "unreadable manifest" in message), message
+    for command in (["info", str(store)], ["verify", str(store), "--no-progress"],
+                    ["export", str(store), str(tmp_path / "out.npz"), "--no-progress"]):
+        capsys.readouterr()
+        assert store_cli(command) == 1, command
+        err = capsys.readouterr().err
+        assert str(mpath) in err and "Traceback" not in err, (command, err)
+    assert not (tmp_path / "out.npz").exists()
+    with pytest.raises(StoreError):  # nor may a writer append to it
+        StoreWriter(store, SHAPE, 10)

@@ -85,11 +85,16 @@ def _read_manifest(path: Path) -> dict:
             f"(create one with robustdiff-store import or the generator)"
         )
     try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StoreError(
             f"generated store {mpath}: unreadable manifest ({e}) — restore or regenerate it"
         ) from e
+    if not isinstance(manifest, dict):
+        raise StoreError(
+            f"generated store {mpath}: the manifest holds a JSON {type(manifest).__name__}, not an object "
+            f"of fields — the manifest is damaged; restore or regenerate it"
+        )
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise StoreError(
@@ -102,7 +107,48 @@ def _read_manifest(path: Path) -> dict:
         raise StoreError(
             f"generated store {mpath}: missing field(s) {', '.join(missing)} — the manifest is damaged"
         )
+    _check_field_types(manifest, mpath)
     return manifest
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_field_types(manifest: dict, mpath: Path) -> None:
+    """Every field the readers index into has the type they expect, so damage is named, not a traceback."""
+    def bad(field: str, want: str) -> StoreError:
+        return StoreError(f"generated store {mpath}: field {field} is {manifest[field]!r}, expected {want} "
+                          f"— the manifest is damaged; restore or regenerate it")
+
+    for field in ("count", "num_classes", "shard_size"):
+        if not _is_count(manifest[field]):
+            raise bad(field, "a whole number >= 0")
+    if not isinstance(manifest["complete"], bool):
+        raise bad("complete", "true or false")
+    shape = manifest["image_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_is_count(v) and v > 0 for v in shape)):
+        raise bad("image_shape", "[H, W, C] (three whole numbers > 0)")
+    counts = manifest["class_counts"]
+    if not (isinstance(counts, list) and all(_is_count(v) for v in counts)):
+        raise bad("class_counts", "a list of whole numbers >= 0")
+    shards = manifest["shards"]
+    if not isinstance(shards, list):
+        raise bad("shards", "a list of shard entries")
+    for i, entry in enumerate(shards):
+        where = f"generated store {mpath}: shards[{i}]"
+        if not isinstance(entry, dict):
+            raise StoreError(f"{where} is {entry!r}, expected an object — the manifest is damaged")
+        for key in ("count", "images_bytes", "labels_bytes"):
+            if not _is_count(entry.get(key)):
+                raise StoreError(f"{where}.{key} is {entry.get(key)!r}, expected a whole number >= 0 "
+                                 f"— the manifest is damaged")
+        for key in ("name", "images", "labels"):
+            value = entry.get(key)
+            # a bare file name inside the store: a manifest must not point the reader at other files
+            if not (isinstance(value, str) and value and Path(value).name == value and value not in (".", "..")):
+                raise StoreError(f"{where}.{key} is {value!r}, expected the bare name of a file in the store "
+                                 f"— the manifest is damaged")
 
 
 def _shard_offsets(manifest: dict) -> np.ndarray:
