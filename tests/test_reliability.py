@@ -5,6 +5,10 @@ error, never in a stale run that reports success."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -487,3 +491,109 @@ def test_a_truncated_model_given_to_eval_is_named(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode != 0 and "truncated or corrupt" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "ev").exists()
+
+
+# --- file-system failures and undecodable arguments: one line naming the path and the fix --------------------
+
+BIN = Path(sys.executable).parent
+
+
+def _under_a_read_only_mount(directory: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """Run `argv` with a read-only file system mounted on `directory` (a private mount namespace)."""
+    script = 'mount -t tmpfs -o ro none "$0" && exec "$@"'
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script, str(directory), *argv], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _read_only_mounts_work(tmp_path: Path) -> bool:
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if shutil.which("unshare") is None:
+        return False
+    proc = _under_a_read_only_mount(probe, ["sh", "-c", f"touch {probe}/x"])
+    return "Read-only file system" in proc.stderr
+
+
+def _unwritable(kind: str, tmp_path: Path):
+    """A place nothing can be created in, and how to run a command with it so."""
+    if kind == "read-only":
+        if not _read_only_mounts_work(tmp_path):
+            pytest.skip("no private read-only mounts here (unshare -rm)")
+        place = tmp_path / "ro"
+        place.mkdir()
+        return place, lambda argv: _under_a_read_only_mount(place, argv), "Read-only file system"
+    blocker = tmp_path / "a-file"  # a path that runs through a regular file
+    blocker.write_text("not a directory")
+    return blocker / "below", lambda argv: subprocess.run(argv, capture_output=True, text=True, timeout=120), \
+        "Not a directory"
+
+
+@pytest.mark.parametrize("kind", ["read-only", "through-a-file"])
+def test_an_unwritable_destination_is_one_line_naming_it(kind, tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "a.npz", image=np.zeros((10, 8, 8, 3), np.uint8), label=np.arange(10) % 10)
+    store = tmp_path / "store"
+    assert subprocess.run([BIN / "robustdiff-store", "import", tmp_path / "a.npz", "--out", store, "--no-progress"],
+                          capture_output=True, timeout=120).returncode == 0
+    place, run, reason = _unwritable(kind, tmp_path)
+    cases = {
+        "import": ([BIN / "robustdiff-store", "import", tmp_path / "a.npz", "--out", place / "s", "--no-progress"],
+                   "give --out a directory you can write to"),
+        "export": ([BIN / "robustdiff-store", "export", store, place / "b.npz", "--no-progress"],
+                   "give an output path you can write to"),
+        "train": ([BIN / "robustdiff-train", *TINY, "epochs=1", f"run_root={place / 'runs'}"], "run_root="),
+        "edm": ([BIN / "robustdiff-edm", "edm=small", f"run_root={place / 'runs'}"], "run_root="),
+    }
+    for name, (argv, fix) in cases.items():
+        proc = run([str(a) for a in argv])
+        assert proc.returncode == 1, (name, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, (name, proc.stderr)
+        said = reason
+        if name == "export" and kind == "through-a-file":  # export checks its directory itself, first
+            said, fix = "does not exist; create it first", ""
+        assert str(place) in lines[0] and said in lines[0] and fix in lines[0], (name, lines[0])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "probe") == sorted(
+        ["a.npz", "store", "a-file" if kind == "through-a-file" else "ro"])
+
+
+def test_an_argument_that_is_not_utf8_is_named_and_hydra_messages_are_kept(tmp_path):
+    proc = subprocess.run([BIN / "robustdiff-train", b"name=ab\xff", f"run_root={tmp_path}"], capture_output=True,
+                          text=True, errors="replace", timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "LexerNoViableAlt" not in proc.stderr
+    assert r"argument 'name=ab\xff' is not valid UTF-8 (byte 0xff)" in proc.stderr
+    assert not any(tmp_path.iterdir())
+    # Hydra's own messages for a bad choice or key are as Hydra prints them, with no added hint
+    proc = subprocess.run([BIN / "robustdiff-train", "model=nope", f"run_root={tmp_path}"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "Could not find 'model/nope'" in proc.stderr and "wrn-16-4" in proc.stderr
+    assert "run_root=<dir>" not in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([BIN / "robustdiff-train", "nokey=1", f"run_root={tmp_path}"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "Could not override 'nokey'" in proc.stderr and "+nokey=1" in proc.stderr
+
+
+def test_eval_and_export_of_an_unfinished_run_say_so_and_record_it(tmp_path, caplog):
+    from robustdiff.cli import evaluate as cli_eval
+
+    run = tmp_path / "run"
+    assert train(compose_train(*TINY, "epochs=2", "interrupt_after_steps=12"), run)["interrupted"]
+    assert json.loads((run / "summary.json").read_text())["finished"] is False
+    (tmp_path / "export").mkdir()
+    argv = ["export", str(run), "--out", str(tmp_path / "export" / "model.pt")]
+    with caplog.at_level("WARNING"):
+        cli_eval.main(argv)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"{run} is an unfinished run (trained 1 of 2 epochs)" in w and "robustdiff-train" in w for w in said)
+    cli_eval.main([str(run), "--attacks", "clean", "--n-examples", "8", "--device", "cpu"])
+    warnings = json.loads((run / "eval.json").read_text())["warnings"]
+    assert any("unfinished run (trained 1 of 2 epochs)" in w for w in warnings), warnings
+
+    assert train(compose_train(*TINY, "epochs=2"), run)["finished"]  # finished: no such word
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        cli_eval.main([*argv, "--overwrite"])
+    assert not any("unfinished" in r.getMessage() for r in caplog.records)
+    cli_eval.main([str(run), "--attacks", "clean", "--n-examples", "8", "--device", "cpu"])
+    assert not any("unfinished" in w for w in json.loads((run / "eval.json").read_text())["warnings"])

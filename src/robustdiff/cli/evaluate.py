@@ -204,6 +204,20 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
     return settings, sources
 
 
+def unfinished_run_warning(target: Path) -> str | None:
+    """For a run directory whose training has not finished: what its model.pt is and how to finish it."""
+    if not (target.is_dir() and (target / "run.json").is_file()):
+        return None
+    summary = _read_json(target / "summary.json") or {}
+    if summary.get("finished") is True:
+        return None
+    epochs = (_read_json(target / "run.json") or {}).get("epochs")
+    done = summary.get("last_epoch")
+    progress = f"trained {done} of {epochs} epochs" if done is not None else "no epoch finished"
+    return (f"{target} is an unfinished run ({progress}): its model.pt is the best epoch so far, not the trained "
+            f"model — rerun the run's robustdiff-train command to finish it, then evaluate or export again")
+
+
 # --- evaluate ----------------------------------------------------------------------------------------
 
 def _test_tensors(dataset: str, data_dir: str | None, n: int | None, device: torch.device):
@@ -307,6 +321,9 @@ def _run_evaluation(args: argparse.Namespace, s: dict[str, Any], sources: dict[s
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "clean": None, "pgd": None, "autoattack": None, "warnings": [],
     }
+    if (unfinished := unfinished_run_warning(args.target)) is not None:
+        log.warning(unfinished)
+        results["warnings"].append(unfinished)
     num_classes = get_info(s["dataset"]).num_classes
     if "clean" in s["attacks"] or s["expected_clean"] is not None:
         results["clean"] = evaluate_clean(model, x, y, batch_size=s["batch_size"])
@@ -446,6 +463,8 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError(f"{path}: the exported model does not reproduce the original logits")
     log.info("wrote %s (%s, %d classes)", path, arch.robustbench_name, arch.num_classes)
     result: dict[str, Any] = {"model": str(path), "architecture": arch.robustbench_name, "card": None, "warnings": []}
+    if (unfinished := unfinished_run_warning(args.target)) is not None:
+        result["warnings"].append(unfinished)
     if args.card is not None:
         eval_path = args.eval_json or (args.target / "eval.json" if args.target.is_dir() else None)
         ev = _read_json(eval_path) if eval_path is not None else None

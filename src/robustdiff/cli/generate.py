@@ -64,7 +64,7 @@ from ..data.store import (
 )
 from ..utils.extras import missing_extra
 from ..utils.io import UnreadableWeightsError, atomic_path, file_sha256, load_weights
-from .hydra_conf import CONFIG_PATH
+from .hydra_conf import CONFIG_PATH, run_hydra_command, task_started
 
 # torch is imported inside the functions that use it: --help, --cfg and completion answer without it.
 if TYPE_CHECKING:
@@ -638,6 +638,7 @@ def generate(cfg: DictConfig | dict) -> dict | None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")
 def _hydra_main(cfg: DictConfig) -> None:
+    task_started()
     try:
         generate(cfg)
     except (GenerationError, StoreError, DatasetError) as e:
@@ -646,7 +647,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    _hydra_main()
+    run_hydra_command("robustdiff-generate", _hydra_main, "choose a writable out=<dir>")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ so that ``--help``, ``--cfg``, ``--info`` and shell completion answer at once.""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -66,8 +69,6 @@ def _pending(run_dir: Path) -> Path | None:
 
 def publish_hydra_files(run_dir: Path) -> None:
     """Move the accepted job's Hydra config copies into ``<run_dir>/.hydra/`` (each by an atomic rename)."""
-    import os
-
     pending = _pending(run_dir)
     if pending is None or not pending.is_dir():
         return
@@ -89,3 +90,65 @@ def discard_hydra_files(run_dir: Path) -> None:
         (pending / name).unlink(missing_ok=True)
     if not any(pending.iterdir()):
         pending.rmdir()
+
+
+def _undecodable(arg: str) -> int | None:
+    """The first byte of `arg` that was not UTF-8 (Python keeps such bytes as lone surrogates), else None."""
+    return next((ord(c) - 0xDC00 for c in arg if "\udc80" <= c <= "\udcff"), None)
+
+
+_task_started = False
+_OWN_FULL_ERROR = "ROBUSTDIFF_HYDRA_ERRORS"
+
+
+def task_started() -> None:
+    """Called first by a task function: from here on a failed file operation is the task's, not the job dir's."""
+    global _task_started
+    _task_started = True
+
+
+def run_hydra_command(prog: str, hydra_main: Callable[[], object], write_hint: str) -> None:
+    """Run a ``@hydra.main`` command so that what goes wrong before the task starts is said in one line.
+
+    Hydra creates the job's directory before the task function runs and reports a failure there (a read-only
+    disk, a path through a file) as a trimmed traceback; an argument that is not UTF-8 reaches its override
+    parser as a lexer error. Here the first is one line naming the directory and `write_hint`, the second one
+    line naming the argument. Hydra's own messages for bad overrides are printed as Hydra prints them, and
+    any other error keeps its full traceback. ``HYDRA_FULL_ERROR=1`` set by the user leaves everything to Hydra.
+    """
+    for arg in sys.argv[1:]:
+        byte = _undecodable(arg)
+        if byte is not None:
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            sys.exit(f"{prog}: error: argument '{shown}' is not valid UTF-8 (byte 0x{byte:02x}) — write names, "
+                     f"paths and values in UTF-8 (or plain ASCII)")
+    # (processes this job starts, e.g. DDP ranks, inherit both variables: the second says the first is ours)
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get(_OWN_FULL_ERROR) != "1":
+        hydra_main()
+        return
+    from hydra.errors import CompactHydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ..utils.io import describe_os_error
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing, so the error can be told here
+    os.environ[_OWN_FULL_ERROR] = "1"
+    try:
+        hydra_main()
+    except CompactHydraException as e:  # a bad override or config choice (some are OSErrors): as Hydra prints it
+        print(str(e), file=sys.stderr)
+        if isinstance(e.__cause__, OmegaConfBaseException):
+            print(str(e.__cause__), file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:  # e.g. `--help | head`: the reader has gone; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except OSError as e:  # before the task: the job directory; within it, whatever file the task named
+        print(f"{prog}: error: {describe_os_error(e, '' if _task_started else write_hint)}", file=sys.stderr)
+        sys.exit(1)
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+        os.environ.pop(_OWN_FULL_ERROR, None)

@@ -25,6 +25,7 @@ from robustdiff.data.store import (
     store_info,
     verify_store,
 )
+from robustdiff.utils.io import describe_os_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.store}: OK")
     except StoreError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a read-only or full disk, a path through a file: the file and the fix, not a traceback
+        hint = {"import": "give --out a directory you can write to",
+                "export": "give an output path you can write to"}.get(args.command, "")
+        print(f"error: {describe_os_error(e, hint)}", file=sys.stderr)
         return 1
     return 0
 

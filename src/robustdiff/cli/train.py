@@ -11,12 +11,21 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ..utils.extras import missing_extra
-from .hydra_conf import CONF_DIR, CONFIG_PATH, discard_hydra_files, publish_hydra_files, remove_unused_run_dir  # noqa: F401  (CONF_DIR: for callers that compose configs)
+from .hydra_conf import (  # noqa: F401  (CONF_DIR: for callers that compose configs)
+    CONF_DIR,
+    CONFIG_PATH,
+    discard_hydra_files,
+    publish_hydra_files,
+    remove_unused_run_dir,
+    run_hydra_command,
+    task_started,
+)
 from .sweep import own_job_argv
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    task_started()
     # Imported here, not at the top: --help, --cfg, --info and completion need none of torch/Lightning.
     from ..data.datasets import DatasetError
     from ..data.store import StoreError
@@ -52,7 +61,7 @@ def main() -> None:
             missing := missing_extra("hydra_plugins.hydra_submitit_launcher", "hydra/launcher=slurm")):
         sys.exit(f"robustdiff-train: error: {missing}")
     sys.argv = [sys.argv[0], *own_job_argv(sys.argv[1:])]  # DDP ranks of a sweep job: that job only
-    _hydra_main()
+    run_hydra_command("robustdiff-train", _hydra_main, "choose a writable run_root=<dir> (runs go to <run_root>/<name>)")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,20 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .hydra_conf import CONFIG_PATH, discard_hydra_files, publish_hydra_files, remove_unused_run_dir
+from .hydra_conf import (
+    CONFIG_PATH,
+    discard_hydra_files,
+    publish_hydra_files,
+    remove_unused_run_dir,
+    run_hydra_command,
+    task_started,
+)
 from .sweep import own_job_argv
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train_edm")
 def _hydra_main(cfg: DictConfig) -> None:
+    task_started()
     # Imported here, not at the top: --help, --cfg, --info and completion need none of torch/Lightning.
     from ..data.datasets import DatasetError
     from ..data.store import StoreError
@@ -51,7 +59,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     sys.argv = [sys.argv[0], *own_job_argv(sys.argv[1:])]  # DDP ranks of a sweep job: that job only
-    _hydra_main()
+    run_hydra_command("robustdiff-edm", _hydra_main, "choose a writable run_root=<dir> (runs go to <run_root>/<name>)")
 
 
 if __name__ == "__main__":

@@ -102,6 +102,27 @@ def disk_error(path: str | os.PathLike, error: BaseException) -> BaseException:
                    f"free some space and run the same command again to resume", str(path))
 
 
+def describe_os_error(error: OSError, hint: str = "") -> str:
+    """One line for a failed file operation: the file (absolute), what the system said, and what to do.
+
+    A temporary file (``.<name>.<random>.tmp``, see `atomic_path`) is named by the file it was writing."""
+    import errno
+
+    name = error.filename
+    where = Path(os.fsdecode(name)).absolute() if name is not None else None
+    if where is not None and where.name.startswith(".") and where.name.endswith(".tmp") and where.name.count(".") >= 3:
+        where = where.with_name(where.name[1:].rsplit(".", 2)[0])
+    what = error.strerror or str(error)
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR):
+        fix = hint or "choose a place you can write to"
+    elif error.errno == errno.ENOSPC:
+        fix = "free some space and run the same command again"
+    else:
+        fix = hint
+    head = f"{where}: {what}" if where is not None else what
+    return head + (f" — {fix}" if fix else "")
+
+
 def remove_orphan_temporaries(directory: str | os.PathLike, subdirs: tuple[str, ...] = ("", "checkpoints")) -> list[Path]:
     """Delete the temporary files ``atomic_path`` leaves when a process dies mid-write (``.<name>.<random>.tmp``)
     in ``directory`` and its ``subdirs``. Call only while holding the directory's lock. Returns what was removed."""
