@@ -151,6 +151,8 @@ def test_presets_compose_and_unknown_preset_lists_choices():
     (["resolution=40"], r"integer in \[1, 28\]"),
     (["edm.network=huge"], "SongUNet preset"),
     (["edm.batch_size=15", "trainer.devices=2"], "divisible"),
+    (["val_size=256"], r"val_size=256 must be a whole number in \[0, 256\)"),
+    (["val_size=-1"], r"val_size=-1 must be a whole number"),
 ])
 def test_bad_configs_fail_before_work(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -164,3 +166,21 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     (tmp_path / "run" / "run.json").write_text(json.dumps({"dataset": "fashionmnist", "lr": 1.0}))
     with pytest.raises(ConfigError, match="different EDM run"):
         train_edm(config(), tmp_path / "run")
+
+
+@needs_data
+def test_val_size_leaves_out_exactly_the_classifiers_validation_images():
+    from robustdiff.data.datamodule import RobustDataModule
+    from robustdiff.training.diffusion import edm_datamodule, validate
+
+    cfg = config("limit_train=96", "val_size=32", "resolution=null")
+    desc = validate(cfg)
+    assert desc["val_size"] == 32 and "val_size" not in validate(config("limit_train=96", "resolution=null"))
+    edm = edm_datamodule(cfg, desc)
+    classifier = RobustDataModule("fashionmnist", 16, data_dir="/nonexistent", limit_train=96, val_size=32)
+    classifier.setup("fit")
+    images, labels = load_split("fashionmnist", "train", "/nonexistent")
+    np.testing.assert_array_equal(edm.train_x, classifier.train_x)
+    np.testing.assert_array_equal(edm.train_x, images[32:96])
+    np.testing.assert_array_equal(classifier.val[0].numpy(), images[:32])
+    np.testing.assert_array_equal(edm.train_y, labels[32:96])

@@ -72,7 +72,7 @@ NETWORK_FORMAT = "robustdiff-edm-network"
 # Fields that define what an EDM run is: resuming with any of them changed is refused.
 IDENTITY_FIELDS = ("dataset", "resolution", "label_dim", "network", "kwargs", "batch_size", "lr",
                    "lr_rampup_kimg", "duration_kimg", "ema_halflife_kimg", "ema_rampup", "augment_p", "seed",
-                   "limit_train")
+                   "limit_train", "val_size")
 
 
 class NetworkFileError(ValueError):
@@ -394,6 +394,12 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
          f"label_dim={cfg.label_dim!r} but dataset {info.name} has {info.num_classes} classes: use label_dim=null "
          f"(class-conditional on all {info.num_classes}) or label_dim=0 (unconditional)")
     need(isinstance(e.batch_size, int) and e.batch_size >= 1, f"edm.batch_size={e.batch_size!r} must be an integer >= 1")
+    val_size = cfg.get("val_size", 0)
+    limit = cfg.limit_train or info.n_train
+    need(isinstance(val_size, int) and not isinstance(val_size, bool) and 0 <= val_size < limit,
+         f"val_size={val_size!r} must be a whole number in [0, {limit}) (the first val_size of the "
+         f"{'limit_train=' + str(cfg.limit_train) if cfg.limit_train else str(info.n_train)} training images are "
+         f"left out, so the generator never sees the classifier's validation images)")
     devices = cfg.trainer.devices
     world = (devices if isinstance(devices, int) and devices > 0 else 1) * int(cfg.trainer.num_nodes)
     need(e.batch_size % world == 0, f"edm.batch_size={e.batch_size} must be divisible by the {world} processes")
@@ -413,7 +419,19 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         "ema_rampup": None if e.ema_rampup is None else float(e.ema_rampup), "augment_p": float(e.augment_p),
         "seed": cfg.seed, "limit_train": cfg.limit_train, "snapshot_kimg": float(e.snapshot_kimg),
         "max_steps": math.ceil(float(e.duration_kimg) * 1000 / e.batch_size),
+        # recorded only when images are left out, so a run without val_size resumes under either spelling
+        **({"val_size": val_size} if val_size else {}),
     }
+
+
+def edm_datamodule(cfg: DictConfig, desc: dict[str, Any]) -> RobustDataModule:
+    """The real images an EDM run trains on: the first limit_train, less the val_size that robustdiff-train
+    (same dataset, limit_train and val_size, its default split) validates on. Set up, ready to iterate."""
+    dm = RobustDataModule(desc["dataset"], cfg.edm.batch_size, data_dir=cfg.data_dir, download=cfg.download,
+                          seed=cfg.seed, limit_train=cfg.limit_train, val_size=int(desc.get("val_size", 0)),
+                          last_batch="fill")
+    dm.setup("fit")
+    return dm
 
 
 def train_edm(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -446,9 +464,7 @@ def _train_edm(cfg: DictConfig, run_dir: Path, desc: dict[str, Any]) -> dict[str
     e = cfg.edm
     # last_batch=fill: every batch full, a continuous stream of permutations like EDM's infinite sampler (images
     # are counted as steps × batch_size).
-    dm = RobustDataModule(desc["dataset"], e.batch_size, data_dir=cfg.data_dir, download=cfg.download,
-                          seed=cfg.seed, limit_train=cfg.limit_train, val_size=0, last_batch="fill")
-    dm.setup("fit")
+    dm = edm_datamodule(cfg, desc)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights
     module = EDMTraining(desc["kwargs"], batch_size=e.batch_size, lr=desc["lr"], lr_rampup_kimg=desc["lr_rampup_kimg"],
                          ema_halflife_kimg=desc["ema_halflife_kimg"], ema_rampup=desc["ema_rampup"],
