@@ -40,3 +40,34 @@ def one_thread():
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)
+
+
+def run_files(run: Path) -> dict:
+    """What a training run directory says, in comparable form (see `same`): model.pt, history, summary and both
+    checkpoints' weights, history, global step and consumed-batch count."""
+    import json
+
+    import torch
+
+    def ckpt(name):
+        c = torch.load(run / "checkpoints" / name, weights_only=True)
+        return c["state_dict"], c["robustdiff"]["history"], c["global_step"], c["robustdiff"]["consumed"]
+
+    return {"model.pt": torch.load(run / "model.pt", weights_only=True),
+            "history.json": json.loads((run / "history.json").read_text()),
+            "history.csv": (run / "history.csv").read_text(),
+            "summary.json": json.loads((run / "summary.json").read_text()),
+            "best.ckpt": ckpt("best.ckpt"), "last.ckpt": ckpt("last.ckpt")}
+
+
+def same(a, b) -> bool:
+    """Equal, tensors included (bit for bit), through nested dicts, lists and tuples."""
+    import torch
+
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b

@@ -14,36 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, compose_train
+from conftest import TINY, compose_train, run_files, same
 from robustdiff.training.callbacks import KILL_ENV, SimulatedKill
 from robustdiff.training.run import ConfigError, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 POINTS = ("best.ckpt", "model.pt", "history", "summary.json", "last.ckpt")
-
-
-def run_files(run: Path) -> dict:
-    """What a run directory says, in comparable form."""
-    def ckpt(name):
-        c = torch.load(run / "checkpoints" / name, weights_only=True)
-        return c["state_dict"], c["robustdiff"]["history"], c["global_step"]
-
-    return {"model.pt": torch.load(run / "model.pt", weights_only=True),
-            "history.json": json.loads((run / "history.json").read_text()),
-            "history.csv": (run / "history.csv").read_text(),
-            "summary.json": json.loads((run / "summary.json").read_text()),
-            "best.ckpt": ckpt("best.ckpt"), "last.ckpt": ckpt("last.ckpt")}
-
-
-def same(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    return a == b
 
 
 @pytest.fixture(scope="module")
@@ -476,6 +453,7 @@ def test_a_file_with_code_in_it_is_refused_without_torchs_advice_and_never_runs(
     assert proc.returncode != 0 and f"{bad}: cannot be read" in text and "refuses to unpickle" in text, text[-3000:]
     assert "weights_only" not in text and "Traceback" not in text and not marker.exists()
     assert not (tmp_path / "ev").exists() and not (tmp_path / "store").exists()
+    assert text.count(str(bad)) == 1, text  # the file is named once
 
 
 def test_a_truncated_model_given_to_eval_is_named(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_files, same
 from robustdiff.training.callbacks import GATE_ENV, SIGNAL_ENV
 
 # 160 images (64 validate) at batch 32: ceil(160 / 32) = 5 optimiser steps per epoch, 2 epochs.
@@ -31,28 +32,6 @@ def command(root: Path) -> list[str]:
 def env(**extra: str) -> dict:
     out = {k: v for k, v in os.environ.items() if k not in (GATE_ENV, SIGNAL_ENV)}
     return {**out, "OMP_NUM_THREADS": "1", **extra}
-
-
-def files(run: Path) -> dict:
-    def ckpt(name):
-        c = torch.load(run / "checkpoints" / name, weights_only=True)
-        return c["state_dict"], c["robustdiff"]["history"], c["global_step"], c["robustdiff"]["consumed"]
-
-    return {"model.pt": torch.load(run / "model.pt", weights_only=True),
-            "history.json": json.loads((run / "history.json").read_text()),
-            "history.csv": (run / "history.csv").read_text(),
-            "summary.json": json.loads((run / "summary.json").read_text()),
-            "best.ckpt": ckpt("best.ckpt"), "last.ckpt": ckpt("last.ckpt")}
-
-
-def same(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    return a == b
 
 
 def signalled_at(root: Path, step: int, signum: int) -> subprocess.CompletedProcess:
@@ -88,7 +67,7 @@ def straight(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("straight")
     proc = subprocess.run(command(root), capture_output=True, text=True, env=env(), timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return files(root / "run")
+    return run_files(root / "run")
 
 
 def test_real_signals_at_every_kind_of_step_boundary_resume_to_an_uninterrupted_run(straight, tmp_path):
@@ -111,7 +90,7 @@ def test_real_signals_at_every_kind_of_step_boundary_resume_to_an_uninterrupted_
         assert "run the same command again to resume" in proc.stdout or step == 10
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["finished"]
-    assert same(files(tmp_path / "run"), straight)
+    assert same(run_files(tmp_path / "run"), straight)
     rerun = subprocess.run(command(tmp_path), capture_output=True, text=True, env=env(), timeout=600)
     assert rerun.returncode == 0 and "already finished" in rerun.stdout
 
@@ -125,4 +104,4 @@ def test_self_signal_on_an_epochs_last_step_resumes_to_an_uninterrupted_run(step
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["finished"] and summary["last_epoch"] == 2
-    assert same(files(tmp_path / "run"), straight)
+    assert same(run_files(tmp_path / "run"), straight)

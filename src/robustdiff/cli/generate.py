@@ -95,7 +95,8 @@ def load_generator(path: str | os.PathLike, device: torch.device | str = "cpu"):
         net, _ = load_network(path, device=device)
         return net, "robustdiff-network"
     except (PretrainedError, NetworkFileError) as e:
-        raise GenerationError(f"network={path}: {e}") from e
+        said = str(e).removeprefix(f"{path}: ")  # the loaders name the file themselves: say it once
+        raise GenerationError(f"network={path}: {said}") from e
 
 
 def load_classifier(path: str | os.PathLike, dataset: str | None, num_classes: int, channels: int,

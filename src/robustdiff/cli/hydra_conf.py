@@ -31,6 +31,13 @@ def config_groups(groups: Iterable[str], conf_dir: str = CONF_DIR) -> str:
 OmegaConf.register_new_resolver("rd_config_groups", lambda groups: config_groups(groups), replace=True)
 
 
+# Hydra writes its config copies here, not into .hydra/: a command that is refused (a resume with another
+# configuration, a locked run) must not rewrite the record of the run it names. They move to .hydra/ once the
+# job has been accepted (publish_hydra_files) and are removed when it is refused (discard_hydra_files).
+PENDING_SUBDIR = ".hydra-pending"
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+
+
 def remove_unused_run_dir(run_dir: Path) -> bool:
     """After a rejected config: remove the run directory Hydra created for the job if it holds nothing but what
     Hydra wrote there (its ``.hydra/`` config copies and the job's log). Anything else, e.g. the run.json of an
@@ -39,7 +46,7 @@ def remove_unused_run_dir(run_dir: Path) -> bool:
 
     hc = HydraConfig.get()
     sub = hc.output_subdir
-    own = {f"{hc.job.name}.log", *(f"{sub}/{f}" for f in ("config.yaml", "hydra.yaml", "overrides.yaml") if sub)}
+    own = {f"{hc.job.name}.log", *(f"{sub}/{f}" for f in HYDRA_FILES if sub)}
     if not run_dir.is_dir():
         return False
     files = [p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if not p.is_dir()]
@@ -52,12 +59,6 @@ def remove_unused_run_dir(run_dir: Path) -> bool:
             d.rmdir()
     return True
 
-
-# Hydra writes its config copies here, not into .hydra/: a command that is refused (a resume with another
-# configuration, a locked run) must not rewrite the record of the run it names. They move to .hydra/ once the
-# job has been accepted (publish_hydra_files) and are removed when it is refused (discard_hydra_files).
-PENDING_SUBDIR = ".hydra-pending"
-HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 
 
 def _pending(run_dir: Path) -> Path | None:

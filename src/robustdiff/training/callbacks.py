@@ -17,7 +17,14 @@ from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 
-from ..utils.io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
+from ..utils.io import (
+    UnreadableWeightsError,
+    atomic_path,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    load_weights,
+)
 
 # Testing aid for crash consistency: "<file>" or "<file>@<epoch>" makes the process die (SimulatedKill) right
 # after publishing that file (best.ckpt, model.pt, history, summary.json, last.ckpt) at that epoch
@@ -90,15 +97,14 @@ class CheckpointFileError(ValueError):
 
 
 def load_checkpoint_file(path, map_location="cpu", mmap: bool = False) -> dict:
-    """torch.load(weights_only=True) with an error that names the file and the way out — and never torch's advice
-    to load it with weights_only=False (that would run whatever code the file holds)."""
+    """A run checkpoint, loaded weights-only (`utils.io.load_weights`), with an error that names the file and the
+    way out — and never torch's advice to load it with weights_only=False (that would run the file's code)."""
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as e:
-        kind = "not a weights-only checkpoint" if "weights_only" in str(e) or "Unpickl" in str(e) else \
-            "truncated or corrupt"
+        ckpt = load_weights(path, "a run checkpoint", map_location=map_location, mmap=mmap)
+    except UnreadableWeightsError as e:
+        kind = "not a weights-only checkpoint" if e.pickled else "truncated or corrupt"
         raise CheckpointFileError(
-            f"{path}: cannot be read ({kind}: {type(e).__name__}). The run cannot resume from it. Restore it from a "
+            f"{path}: cannot be read ({kind}: {e.cause}). The run cannot resume from it. Restore it from a "
             f"backup, or move it aside (e.g. to {Path(path).name}.bad) to restart this run from the beginning; "
             f"robustdiff never loads checkpoints with code in them.") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:

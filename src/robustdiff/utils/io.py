@@ -156,21 +156,29 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 class UnreadableWeightsError(ValueError):
     """A torch file that ``torch.load(weights_only=True)`` cannot read; the message names the file and the reason,
-    never torch's advice to load it with ``weights_only=False`` (that would run whatever code the file holds)."""
+    never torch's advice to load it with ``weights_only=False`` (that would run whatever code the file holds).
+    ``pickled``: the file holds pickled objects (else it is truncated or corrupt); ``cause``: torch's error type."""
+
+    def __init__(self, message: str, *, pickled: bool, cause: str):
+        super().__init__(message)
+        self.pickled, self.cause = pickled, cause
 
 
-def load_weights(path: str | os.PathLike, what: str = "a weights file", map_location: str = "cpu") -> Any:
+def load_weights(path: str | os.PathLike, what: str = "a weights file", map_location: str = "cpu",
+                 mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)``, with an UnreadableWeightsError naming ``path`` on failure."""
     import torch
 
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # unpickling and archive errors come in many types
         text = str(e)
-        if "weights_only" in text or "Unpickl" in text or "pickle" in text.lower():
+        pickled = "weights_only" in text or "Unpickl" in text or "pickle" in text.lower()
+        if pickled:
             reason = ("it holds pickled Python objects, not only tensors — robustdiff refuses to unpickle it, since "
                       "that would run whatever code the file holds; give a file written by robustdiff or "
                       "torch.save(state_dict)")
         else:
             reason = f"truncated or corrupt ({type(e).__name__}); restore it or write it again"
-        raise UnreadableWeightsError(f"{path}: cannot be read as {what}: {reason}") from None
+        raise UnreadableWeightsError(f"{path}: cannot be read as {what}: {reason}", pickled=pickled,
+                                     cause=type(e).__name__) from None
