@@ -161,6 +161,15 @@ def test_classifier_filter_keeps_most_confident_per_class(network, tmp_path):
     kx, ky = GeneratedStore(tmp_path / "kept").get(np.arange(20))
     np.testing.assert_array_equal(kx, cx[expected])
     np.testing.assert_array_equal(ky, cy[expected])
+    # Selecting from a store generated earlier without selection (the same generation) samples nothing new and
+    # keeps the same images as selecting from its own candidates.
+    raw = tmp_path / "raw"
+    generate(config(network, raw, "n=40"))
+    np.testing.assert_array_equal(GeneratedStore(raw).get(np.arange(40))[0], cx)
+    generate(config(network, tmp_path / "from-raw", "n=20", f"classifier={run}", "keep_fraction=0.5",
+                    f"candidates={raw}"))
+    np.testing.assert_array_equal(GeneratedStore(tmp_path / "from-raw").get(np.arange(20))[0], kx)
+    assert not (tmp_path / "from-raw-candidates").exists()
     # A plain state dict needs dataset= for its normalisation.
     with pytest.raises(GenerationError, match="dataset=<name>"):
         generate(config(network, tmp_path / "k2", "n=20", f"classifier={run / 'model.pt'}", "keep_fraction=0.5"))

@@ -69,3 +69,65 @@ def test_quick_study_runs_every_stage_resumes_and_fixes_its_protocol(tmp_path, c
     capsys.readouterr()
     assert study_main([str(changed), "--out", str(out)]) == 2
     assert "another protocol" in capsys.readouterr().err
+
+
+V2_QUICK = ROOT / "experiments" / "study" / "fmnist_v2_quick.yaml"
+
+
+def test_a_study_listing_its_arms_selects_with_a_classifier_of_its_own_data_and_resumes(tmp_path, capsys):
+    out = tmp_path / "v2"
+    # two commands with disjoint arm lists, as two cores would run them; the report waits for both
+    assert study_main([str(V2_QUICK), "--out", str(out), "--arms", "real-s0"]) == 0
+    assert not (out / "report.md").exists() and "the report waits" in capsys.readouterr().out
+    assert study_main([str(V2_QUICK), "--out", str(out), "--arms", "raw-64img-s0,selected-s0"]) == 0
+    assert (out / "report.md").is_file()
+
+    spec = OmegaConf.load(V2_QUICK)
+    edm_run = json.loads((out / "edm" / "run.json").read_text())
+    assert edm_run["val_size"] == 32  # the generator never saw the arms' validation images
+    selector = json.loads((out / "selector" / "run.json").read_text())
+    assert (selector["limit_train"], selector["val_size"]) == (160, 32)  # the selector saw only the arms' data
+    quality = {s: json.loads((out / "quality" / f"{s}.json").read_text()) for s in spec.stores}
+    best = min(("edm-64img", "edm-128img"), key=lambda g: quality[f"raw-{g[4:]}"]["value"])
+    assert quality["best-selected"]["generator"] == best and quality["best-selected"]["keep_fraction"] == 0.5
+    assert 0 <= quality["best-selected"]["before_selection"]["label_agreement"] <= 1
+    manifest = json.loads((out / "stores" / "best-selected" / "manifest.json").read_text())
+    assert manifest["count"] == 20 and str(out / "selector") in json.dumps(manifest["provenance"])
+    assert str((out / "stores" / "best-40").resolve()) in json.dumps(manifest["provenance"])  # selected from it
+    assert not (out / "stores" / "best-selected-candidates").exists()  # nothing generated twice
+    for arm, store in (("raw-64img-s0", "raw-64img"), ("selected-s0", "best-selected")):
+        run = json.loads((out / "runs" / arm / "run.json").read_text())
+        assert Path(run["generated"]) == out / "stores" / store and run["ratio"] == 0.5
+        assert json.loads((out / "runs" / arm / "eval.json").read_text())["autoattack"]["n"] == 8
+    results = json.loads((out / "results.json").read_text())
+    assert [r["arm"] for r in results["rows"]] == list(spec.arms) and all(r["finished"] for r in results["rows"])
+    report = (out / "report.md").read_text()
+    assert "| best-selected |" in report and "standard error" in report and "vs real only" in report
+    for png in ("pgd_vs_epoch.png", "aa_vs_fd.png", "aa_vs_amount.png"):
+        assert (out / "figures" / png).stat().st_size > 10_000
+
+    stamps = {p: p.stat().st_mtime_ns for p in [*out.glob("runs/*/model.pt"), out / "selector" / "model.pt",
+                                                 *out.glob("quality/*.json"), *out.glob("stores/*/manifest.json")]}
+    assert study_main([str(V2_QUICK), "--out", str(out)]) == 0  # a rerun redoes nothing
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    capsys.readouterr()
+    assert study_main([str(V2_QUICK), "--out", str(out), "--arms", "nope"]) == 2
+    assert "nope not in the study's arms" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("val_size=32, grid", "grid"), "must leave out the arms' 32 validation images"),
+    (("generator: best, n: 20", "generator: worst, n: 20"), "stores.best-selected.generator='worst'"),
+    (("store: raw-64img, ratio", "store: raw-65img, ratio"), "arms.raw-64img-s0.store='raw-65img'"),
+    (("keep_fraction: 0.5", "keep_fraction: 1.5"), "keep_fraction=1.5 must be in (0, 1]"),
+    (("candidates: best-40", "candidates: raw-64img"), "candidates='raw-64img': name a raw store"),
+])
+def test_a_listed_study_with_a_bad_reference_is_refused_before_any_work(edit, message, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    text = V2_QUICK.read_text()
+    assert edit[0] in text
+    bad.write_text(text.replace(*edit))
+    assert study_main([str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "classifier").exists()

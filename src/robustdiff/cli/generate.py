@@ -484,8 +484,8 @@ def _run_generation(fabric, cfg: dict, log: GenerationWandb) -> dict | None:
             sha = file_sha256(cfg["network"])
             prov = _same_generation(target, provenance(cfg, net, net_format, sha, job["count"]))
             manifest = open_block_store(target, job["count"], shape, K, cfg["shard_size"], prov)
-            if not manifest["complete"]:
-                done = set(finished_blocks(target))
+            if not manifest["complete"] or job["filter"]:  # complete candidates may still lack scores (a store
+                done = set(finished_blocks(target))          # generated without selection, then selected from)
                 if job["filter"]:
                     done = {b for b in done if _scores_path(target, b).is_file()}
                 pending = [b for b in range(len(block_ranges(job["count"], cfg["shard_size"]))) if b not in done]

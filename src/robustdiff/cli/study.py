@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="study directory (created; rerun to resume)")
     p.add_argument("--data-dir", default="data", help="dataset directory (default: data, then Debian's location)")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from what exists")
+    p.add_argument("--arms", default=None, metavar="A,B",
+                   help="a study file listing arms: train and evaluate only these (disjoint lists can run side by "
+                        "side); the report waits for every arm")
     return p
 
 
@@ -70,12 +73,17 @@ def load_study(path: Path, out: Path) -> DictConfig:
     if not path.is_file():
         raise StudyError(f"study file {path}: no such file (see experiments/study/)")
     spec = OmegaConf.load(path)
+    listed = "arms" in spec or "stores" in spec
     for key in ("name", "dataset", "classifier", "reference", "floor", "edm", "generators", "generate", "train",
-                "autoattack"):
+                "autoattack", *(("stores", "arms") if listed else ())):
         if key not in spec:
             raise StudyError(f"study file {path}: missing field '{key}' (see experiments/study/fmnist_quality.yaml)")
     if not spec.generators:
         raise StudyError(f"study file {path}: generators: name at least one EDM snapshot (name: kimg)")
+    if listed:
+        from .study_arms import check_listed
+
+        check_listed(spec, path)
     kept = out / "study.yaml"
     text = OmegaConf.to_yaml(spec)
     if kept.is_file():
@@ -136,7 +144,7 @@ def reference_statistics(spec: DictConfig, out: Path, classifier: Path, data_dir
         result = reference_and_floor(
             classifier, info.name, data_dir, ref_path,
             (spec.reference.split, int(spec.reference.start), int(spec.reference.count)),
-            (spec.floor.split, int(spec.floor.start), int(spec.generate.n)))
+            (spec.floor.split, int(spec.floor.start), int(spec.floor.get("count") or spec.generate.n)))
     except ValueError as e:
         raise StudyError(str(e)) from None
     atomic_write_json(floor_path, result)
@@ -295,11 +303,16 @@ def evaluate_arm(spec: DictConfig, run_dir: Path) -> None:
 
 
 def run_study(args: argparse.Namespace) -> Path:
-    from ..evaluation.study_report import write_study_report
+    from ..evaluation.arms_report import write_arms_report
+    from ..evaluation.study_report import write_study_report as write_quality_report
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     spec = load_study(args.study, out)
+    listed = "arms" in spec
+    if args.arms and not listed:
+        raise StudyError(f"--arms: {args.study} does not list its arms (no arms: section)")
+    write_study_report = write_arms_report if listed else write_quality_report
     if args.report_only:
         return write_study_report(out, spec)
     from ..utils.io import atomic_write_json
@@ -314,6 +327,19 @@ def run_study(args: argparse.Namespace) -> Path:
         seconds["wall"] = seconds.get("wall", 0.0) + now - t0
         atomic_write_json(timing_path, seconds)
 
+    if listed:
+        from .study_arms import run_listed_study
+
+        only = [a for a in args.arms.split(",") if a] if args.arms else None
+        _, done = run_listed_study(spec, out, args.data_dir, only, timed)
+        if not done:
+            print("\nrobustdiff-study: arms still to run or evaluate; the report waits for them "
+                  "(--report-only writes it from what exists)")
+            return out / "report.md"
+        _stage("report")
+        report = write_study_report(out, spec)
+        print(f"\nrobustdiff-study: {report}")
+        return report
     t0 = time.monotonic()
     classifier = train_classifier(spec, out, args.data_dir)
     reference_statistics(spec, out, classifier, args.data_dir)

@@ -1,0 +1,244 @@
+"""A study whose file lists its stores and arms (``stores:`` and ``arms:``, e.g. experiments/study/fmnist_v2.yaml).
+
+Stages, each in its own directory under ``--out`` and skipped when already done (rerun the command to resume):
+
+  classifier   the measuring classifier (classifier FD, label agreement); it never shapes training data
+  reference    classifier statistics of held-out real images, and the real floor
+  selector     a standard classifier trained on the study's real training images only: it picks the kept
+               candidates of a store with keep_fraction < 1 (the paper's selection)
+  generator    one EDM trained on the study's real training images only (its validation images left out)
+  stores       every listed store, from its generator's snapshot (``best`` = the generator whose raw store has
+               the lowest classifier FD, fixed before any adversarial training), then its quality
+  arms         TRADES runs with identical settings but the data: real only, or a store at a ratio
+  evaluation   test PGD of the selected epoch where the per-epoch pass skipped it; AutoAttack of the selected
+               checkpoint
+  report       <out>/report.md, results.json and figures
+
+``--arms a,b`` trains and evaluates only those arms (two commands with disjoint lists share a 2-core machine);
+the report is written when every arm is done (or with ``--report-only``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from .demo import _compose, _require_finished
+from .study import (
+    StudyError,
+    _stage,
+    _train,
+    evaluate_arm,
+    reference_statistics,
+    snapshot_path,
+    train_classifier,
+    train_generator,
+)
+
+STORE_KEYS = {"generator", "n", "keep_fraction", "candidates"}
+ARM_KEYS = {"store", "ratio", "seed"}
+
+
+def check_listed(spec: DictConfig, path: Path) -> None:
+    """The stores and arms refer to things that exist, with values in range — before any work."""
+    gens = set(spec.generators)
+    for name, s in spec.stores.items():
+        where = f"study file {path}: stores.{name}"
+        extra = set(s) - STORE_KEYS
+        if extra or not {"generator", "n"} <= set(s):
+            raise StudyError(f"{where}: give generator and n (and optionally keep_fraction); unknown: {sorted(extra)}")
+        if s.generator not in gens and s.generator != "best":
+            raise StudyError(f"{where}.generator={s.generator!r}: name one of generators ({', '.join(gens)}) or best")
+        if not (isinstance(s.n, int) and s.n > 0):
+            raise StudyError(f"{where}.n={s.n!r} must be a whole number > 0")
+        kf = float(s.get("keep_fraction", 1))
+        if not 0 < kf <= 1:
+            raise StudyError(f"{where}.keep_fraction={kf:g} must be in (0, 1]")
+        if kf < 1 and "selector" not in spec:
+            raise StudyError(f"{where}.keep_fraction={kf:g} needs a selector: classifier in the study file")
+        if s.get("candidates") is not None:  # select from another listed store: generated once, used twice
+            names = list(spec.stores)
+            c = spec.stores.get(s.candidates)
+            want = math.ceil(math.ceil(s.n / kf) / _num_classes(spec)) * _num_classes(spec)
+            if (kf == 1 or c is None or names.index(s.candidates) > names.index(name) or c.generator != s.generator
+                    or float(c.get("keep_fraction", 1)) != 1 or c.n != want):
+                raise StudyError(f"{where}.candidates={s.candidates!r}: name a raw store (keep_fraction 1) listed "
+                                 f"before it, of the same generator, with n={want} (the candidates keep_fraction "
+                                 f"{kf:g} of n={s.n} needs)")
+    raw = {s.generator for s in spec.stores.values() if float(s.get("keep_fraction", 1)) == 1}
+    if any(s.generator == "best" for s in spec.stores.values()) and not gens <= raw:
+        raise StudyError(f"study file {path}: a store uses generator best, so every generator needs a raw store "
+                         f"(keep_fraction 1) whose FD chooses it; missing for {sorted(gens - raw)}")
+    for name, a in spec.arms.items():
+        where = f"study file {path}: arms.{name}"
+        if set(a) - ARM_KEYS or "seed" not in a:
+            raise StudyError(f"{where}: give seed, and store + ratio for generated data; unknown: "
+                             f"{sorted(set(a) - ARM_KEYS)}")
+        if a.get("store") is not None:
+            if a.store not in spec.stores:
+                raise StudyError(f"{where}.store={a.store!r}: name one of stores ({', '.join(spec.stores)})")
+            if not 0 < float(a.get("ratio", 0)) < 1:
+                raise StudyError(f"{where}.ratio={a.get('ratio')!r}: the real fraction of a batch, in (0, 1)")
+    train_cfg = _compose("train", list(spec.train.overrides))
+    edm_cfg = _compose("train_edm", list(spec.edm.overrides))
+    if int(edm_cfg.get("val_size", 0)) != int(train_cfg.val_size):
+        raise StudyError(f"study file {path}: edm.overrides must leave out the arms' {train_cfg.val_size} validation "
+                         f"images (val_size={train_cfg.val_size}); they give val_size={edm_cfg.get('val_size', 0)}")
+
+
+def _num_classes(spec: DictConfig) -> int:
+    from ..data.datasets import get_info
+
+    return get_info(spec.dataset).num_classes
+
+
+def _candidates(out: Path, name: str, store: DictConfig) -> Path:
+    return out / "stores" / (store.candidates if store.get("candidates") else f"{name}-candidates")
+
+
+def _store_network(spec: DictConfig, out: Path, store: DictConfig, best: str | None) -> tuple[str, Path, float]:
+    gen = best if store.generator == "best" else store.generator
+    if gen is None:
+        raise StudyError("internal: a store of the best generator was asked for before the best was chosen")
+    network, kimg = snapshot_path(out / "edm", float(spec.generators[gen]))
+    return gen, network, kimg
+
+
+def generate_store(spec: DictConfig, out: Path, name: str, best: str | None, selector: Path | None) -> Path:
+    from .generate import generate
+
+    s = spec.stores[name]
+    store = out / "stores" / name
+    gen, network, _ = _store_network(spec, out, s, best)
+    overrides = [f"network={network}", f"n={s.n}", f"out={store}", f"steps={spec.generate.steps}",
+                 f"seed={spec.generate.seed}", f"dataset={spec.dataset}",
+                 f"precision={spec.generate.get('precision', 'fp32')}", "progress=false"]
+    kf = float(s.get("keep_fraction", 1))
+    if kf < 1:
+        overrides += [f"classifier={selector}", f"keep_fraction={kf:g}", f"candidates={_candidates(out, name, s)}"]
+    if (store / "manifest.json").is_file() and json.loads((store / "manifest.json").read_text()).get("complete"):
+        return store
+    _stage(f"stores: {name} ({gen}, {s.n:,} images{f', keep {kf:g} of the candidates' if kf < 1 else ''})",
+           "robustdiff-generate " + " ".join(overrides))
+    generate(_compose("generate", overrides))
+    return store
+
+
+def measure_store(spec: DictConfig, out: Path, name: str, best: str | None, classifier: Path) -> dict[str, Any]:
+    from ..evaluation.generative import score_store
+    from ..utils.io import atomic_write_json
+
+    path = out / "quality" / f"{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    s = spec.stores[name]
+    store = out / "stores" / name
+    _stage(f"quality of {name}", f"robustdiff-fid score {store} --ref {out / 'quality' / 'reference.npz'} "
+           f"--features classifier --classifier {classifier} --n {s.n}")
+    r = score_store(store, out / "quality" / "reference.npz", features="classifier", classifier=classifier, n=s.n)
+    gen, _, kimg = _store_network(spec, out, s, best)
+    r.update(store=name, generator=gen, kimg=kimg, n_images=int(s.n), keep_fraction=float(s.get("keep_fraction", 1)))
+    if r["keep_fraction"] < 1:  # label agreement of the candidates: before selection
+        cand = _candidates(out, name, s)
+        before = score_store(cand, out / "quality" / "reference.npz", features="classifier", classifier=classifier,
+                             n=None, record=False)
+        r["before_selection"] = {"value": before["value"], "label_agreement": before["label_agreement"],
+                                 "n": before.get("n")}
+    atomic_write_json(path, r)
+    print(f"robustdiff-study: {name}: classifier FD {r['value']:.3f}, label agreement "
+          f"{100 * r['label_agreement']:.2f}%")
+    return r
+
+
+def train_selector(spec: DictConfig, out: Path, data_dir: str) -> Path:
+    run_dir = out / "selector"
+    overrides = [f"dataset={spec.dataset}", *spec.selector.overrides, f"data_dir={data_dir}", f"run_root={out}",
+                 "name=selector", "trainer.enable_progress_bar=false"]
+    train_cfg = _compose("train", list(spec.train.overrides))
+    cfg = _compose("train", overrides)
+    if (cfg.limit_train, cfg.val_size) != (train_cfg.limit_train, train_cfg.val_size):
+        raise StudyError(f"selector.overrides: the selector must see only the arms' real training images "
+                         f"(limit_train={train_cfg.limit_train} val_size={train_cfg.val_size}); it has "
+                         f"limit_train={cfg.limit_train} val_size={cfg.val_size}")
+    _stage("selector: a standard classifier on the study's real training images only",
+           "robustdiff-train " + " ".join(overrides))
+    _require_finished(_train(cfg, run_dir), run_dir)
+    return run_dir
+
+
+def choose_best(spec: DictConfig, quality: dict[str, dict]) -> str:
+    """The generator whose raw store (keep_fraction 1) has the lowest classifier FD."""
+    raw = {q["generator"]: q["value"] for name, q in quality.items()
+           if q.get("keep_fraction", 1) == 1 and spec.stores[name].generator != "best"}
+    return min(raw, key=raw.get)
+
+
+def train_listed_arm(spec: DictConfig, out: Path, name: str, data_dir: str, index: str) -> Path:
+    a = spec.arms[name]
+    run_dir = out / "runs" / name
+    overrides = [*spec.train.overrides, f"seed={a.seed}", f"data_dir={data_dir}", f"run_root={out / 'runs'}",
+                 f"name={name}", "trainer.enable_progress_bar=false"]
+    if a.get("store") is not None:
+        overrides += [f"generated={out / 'stores' / a.store}", f"ratio={a.ratio}"]
+    _stage(f"arm {index}: {name}", "robustdiff-train " + " ".join(overrides))
+    _require_finished(_train(_compose("train", overrides), run_dir), run_dir)
+    return run_dir
+
+
+def run_listed_study(spec: DictConfig, out: Path, data_dir: str, only: list[str] | None,
+                     timed) -> tuple[str | None, bool]:
+    """Run every stage (the arms in ``only`` if given). Returns (best generator, whether every arm is done)."""
+    if only:
+        unknown = [a for a in only if a not in spec.arms]
+        if unknown:
+            raise StudyError(f"--arms: {', '.join(unknown)} not in the study's arms ({', '.join(spec.arms)})")
+    t0 = time.monotonic()
+    classifier = train_classifier(spec, out, data_dir)
+    reference_statistics(spec, out, classifier, data_dir)
+    needs_selector = any(float(s.get("keep_fraction", 1)) < 1 for s in spec.stores.values())
+    selector = train_selector(spec, out, data_dir) if needs_selector else None
+    timed("classifier", t0)
+    t0 = time.monotonic()
+    train_generator(spec, out, data_dir, _compose("train", list(spec.train.overrides)).limit_train)
+    timed("edm", t0)
+    quality: dict[str, dict] = {}
+    best = None
+    for phase in ("named", "best"):  # raw stores of named generators first: their FD chooses the best
+        if phase == "best":
+            best = choose_best(spec, quality)
+            print(f"robustdiff-study: best generator (lowest classifier FD of its raw store): {best}")
+        for name, s in spec.stores.items():
+            if (s.generator == "best") != (phase == "best"):
+                continue
+            t0 = time.monotonic()
+            generate_store(spec, out, name, best, selector)
+            timed("generate", t0)
+            t0 = time.monotonic()
+            quality[name] = measure_store(spec, out, name, best, classifier)
+            timed("quality", t0)
+    if best is None:
+        best = choose_best(spec, quality)
+    names = list(spec.arms)
+    for i, name in enumerate(names):
+        if only and name not in only:
+            continue
+        t0 = time.monotonic()
+        run_dir = train_listed_arm(spec, out, name, data_dir, f"{i + 1}/{len(names)}")
+        timed("train", t0)
+        t0 = time.monotonic()
+        evaluate_arm(spec, run_dir)
+        timed("evaluate", t0)
+    done = all((out / "runs" / n / "eval.json").is_file() for n in names)
+    return best, done
+
+
+def standard_error(p: float | None, n: int | None) -> float | None:
+    """Binomial standard error of an accuracy ``p`` measured on ``n`` images."""
+    if p is None or not n:
+        return None
+    return math.sqrt(max(p * (1 - p), 0.0) / n)

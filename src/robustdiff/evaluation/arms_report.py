@@ -1,0 +1,230 @@
+"""The report of a study that lists its stores and arms: results.json, report.md and three figures.
+
+Every number is read from the study directory; the statements are arithmetic on them, each difference set
+against the standard error its sample sizes give (binomial, sqrt(p(1 − p) / n)) and the spread of the seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ..utils.io import atomic_path, atomic_write_json, atomic_write_text
+from .report import load_run, read_history
+
+
+def _json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _pct(v: float | None, digits: int = 2) -> str:
+    return "—" if v is None else f"{100 * v:.{digits}f}"
+
+
+def _se(p: float | None, n: int | None) -> float | None:
+    return None if p is None or not n else math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def collect(out: Path, spec: Any) -> dict[str, Any]:
+    quality = {name: _json(out / "quality" / f"{name}.json") for name in spec.stores}
+    rows = []
+    for name, arm in spec.arms.items():
+        run_dir = out / "runs" / name
+        if not (run_dir / "run.json").is_file():
+            rows.append({"arm": name, "store": arm.get("store"), "seed": arm.seed, "finished": False, "history": []})
+            continue
+        run = load_run(run_dir)
+        c, s = run.config, run.summary or {}
+        pgd_best = s.get("test_pgd_acc_best")
+        if pgd_best is None:
+            e = _json(run_dir / "pgd-best" / "eval.json")
+            pgd_best = e["pgd"]["acc"] if e and e.get("pgd") else None
+        aa = (run.evaluation or {}).get("autoattack") or {}
+        q = quality.get(arm.get("store")) or {} if arm.get("store") else {}
+        rows.append({
+            "arm": name, "store": arm.get("store"), "generator": q.get("generator"), "kimg": q.get("kimg"),
+            "fd": q.get("value"), "label_agreement": q.get("label_agreement"),
+            "keep_fraction": q.get("keep_fraction"), "n_generated": q.get("n_images"),
+            "ratio": c.get("ratio"), "seed": c.get("seed"), "epochs": c.get("epochs"),
+            "best_epoch": s.get("best_epoch"), "clean_best": s.get("test_clean_acc_best"),
+            "clean_last": s.get("test_clean_acc_last"), "pgd_best": pgd_best, "pgd_last": s.get("test_pgd_acc_last"),
+            "aa": aa.get("robust_acc"), "aa_n": aa.get("n"), "finished": bool(s.get("finished")),
+            "history": [{"epoch": r.get("epoch"), "test_pgd_acc": r.get("test_pgd_acc"),
+                         "train_acc_adv": r.get("train_acc_adv")} for r in read_history(run_dir)],
+        })
+    for r in rows:
+        r["pgd_gap"] = (r["pgd_best"] - r["pgd_last"]) if r.get("pgd_best") is not None and \
+            r.get("pgd_last") is not None else None
+    return {"name": spec.name, "quality": quality, "floor": _json(out / "quality" / "floor.json"), "rows": rows,
+            "timing": _json(out / "timing.json"), "test_n": int(spec.train.get("test_n", 1000)),
+            "aa_n": int(spec.autoattack.n)}
+
+
+def _group(rows: list[dict], key: str) -> tuple[float | None, float | None, int]:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    if not vals:
+        return None, None, 0
+    return sum(vals) / len(vals), (max(vals) - min(vals)) if len(vals) > 1 else None, len(vals)
+
+
+def compare(a_rows: list[dict], b_rows: list[dict], key: str, n: int) -> dict[str, Any] | None:
+    """Mean of ``key`` over arms a minus over arms b, with the standard error of that difference (binomial on
+    ``n`` images per measurement, over the seeds) and the larger seed range; "resolved" when the difference
+    exceeds twice the standard error and the larger range."""
+    (ma, ra, na), (mb, rb, nb) = _group(a_rows, key), _group(b_rows, key)
+    if ma is None or mb is None:
+        return None
+    se = math.sqrt(_se(ma, n) ** 2 / na + _se(mb, n) ** 2 / nb)
+    spread = max(ra or 0.0, rb or 0.0)
+    diff = ma - mb
+    return {"a": ma, "b": mb, "n_a": na, "n_b": nb, "diff": diff, "se": se, "spread": spread,
+            "resolved": abs(diff) > max(2 * se, spread)}
+
+
+def findings(data: dict[str, Any], spec: Any) -> list[str]:
+    rows = [r for r in data["rows"] if r["finished"]]
+    real = [r for r in rows if r["store"] is None]
+    out = []
+    q = {k: v for k, v in data["quality"].items() if v}
+    if q:
+        out.append("Stores (classifier FD, label agreement): " + ", ".join(
+            f"{k} {v['value']:.2f}, {_pct(v['label_agreement'], 1)}%"
+            + (f" (candidates before selection {_pct(v['before_selection']['label_agreement'], 1)}%)"
+               if v.get("before_selection") else "") for k, v in q.items())
+            + (f"; real held-out images {data['floor']['value']:.2f}, {_pct(data['floor']['label_agreement'], 1)}%"
+               if data.get("floor") else "") + ".")
+    stores = sorted({r["store"] for r in rows if r["store"]})
+    for store in stores:
+        arm_rows = [r for r in rows if r["store"] == store]
+        for key, label, n in (("aa", "AutoAttack", data["aa_n"]), ("pgd_best", "test PGD (best epoch)",
+                                                                     data["test_n"])):
+            c = compare(arm_rows, real, key, n)
+            if c is None:
+                continue
+            verdict = ("higher" if c["diff"] > 0 else "lower") if c["resolved"] else "not resolved"
+            out.append(f"{label}, {store} (ratio {arm_rows[0]['ratio']:g}, {c['n_a']} seed(s)) vs real only "
+                       f"({c['n_b']} seed(s)): {_pct(c['a'])}% vs {_pct(c['b'])}%, {100 * c['diff']:+.2f} points "
+                       f"(standard error {100 * c['se']:.2f}, seed range {100 * c['spread']:.2f}): {verdict}.")
+    gaps = [(r["arm"], r["pgd_gap"], r["best_epoch"], r["epochs"]) for r in rows if r["pgd_gap"] is not None]
+    if gaps:
+        out.append("Robust overfitting (test PGD best − last epoch, points; standard error of one accuracy "
+                   f"≈ {100 * (_se(0.6, data['test_n']) or 0):.1f}): " + ", ".join(
+                       f"{a} {100 * g:+.2f} (best epoch {b}/{e})" for a, g, b, e in gaps) + ".")
+    return out
+
+
+def _figure(path: Path, draw) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.6), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    draw(ax)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def figures(data: dict[str, Any], fig_dir: Path) -> dict[str, Path]:
+    rows = [r for r in data["rows"] if r.get("history")]
+    made = {}
+
+    def pgd_vs_epoch(ax):
+        cmap = ["tab:blue", "tab:green", "tab:red", "tab:purple", "tab:orange", "tab:brown", "tab:pink",
+                "tab:olive", "tab:cyan"]
+        others = iter(cmap * 3)
+        for r in rows:
+            pts = [(h["epoch"], 100 * h["test_pgd_acc"]) for h in r["history"] if h.get("test_pgd_acc") is not None]
+            if pts:
+                real = r["store"] is None
+                ax.plot(*zip(*pts), "--" if real else "-", color="black" if real else next(others), linewidth=1.1,
+                        marker="o", markersize=2.5, label=r["arm"])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test PGD accuracy (%)")
+        ax.set_title(f"{data['name']}: test PGD vs epoch (dashed black = real data only)", fontsize=9)
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
+
+    def robust_vs(key, xlabel, title):
+        def draw(ax):
+            real = [r for r in data["rows"] if r["finished"] and r["store"] is None and r.get("aa") is not None]
+            if real:
+                m = sum(r["aa"] for r in real) / len(real)
+                ax.axhline(100 * m, color="black", linestyle="--", linewidth=1, label=f"real only (mean of {len(real)})")
+            pts = [r for r in data["rows"] if r["finished"] and r["store"] and r.get(key) is not None
+                   and r.get("aa") is not None]
+            for r in pts:
+                se = _se(r["aa"], data["aa_n"]) or 0
+                ax.errorbar([r[key]], [100 * r["aa"]], yerr=[100 * se], fmt="o", capsize=3)
+                ax.annotate(r["arm"], (r[key], 100 * r["aa"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("AutoAttack accuracy (%), ± 1 standard error")
+            ax.set_title(f"{data['name']}: {title}", fontsize=9)
+            ax.legend(fontsize=7)
+        return draw
+
+    if any(any(h.get("test_pgd_acc") is not None for h in r["history"]) for r in rows):
+        made["test PGD vs epoch"] = _figure(fig_dir / "pgd_vs_epoch.png", pgd_vs_epoch)
+    if any(r["finished"] and r.get("fd") is not None and r.get("aa") is not None for r in data["rows"]):
+        made["robust accuracy vs classifier FD"] = _figure(
+            fig_dir / "aa_vs_fd.png", robust_vs("fd", "classifier FD of the store (lower is better)",
+                                                "robust accuracy vs generator quality"))
+        made["robust accuracy vs amount of generated data"] = _figure(
+            fig_dir / "aa_vs_amount.png", robust_vs("n_generated", "generated images in the store",
+                                                    "robust accuracy vs amount of generated data"))
+    return made
+
+
+def render(data: dict[str, Any], spec: Any, figs: dict[str, str]) -> str:
+    test_n, aa_n = data["test_n"], data["aa_n"]
+    lines = [f"# Study `{data['name']}`", ""] + [f"- {f}" for f in findings(data, spec)] + [""]
+    lines += ["## Stores", "", "| store | generator | EDM kimg | images | keep fraction | classifier FD | "
+              "label agreement (%) | before selection (%) |", "|---|---|---|---|---|---|---|---|"]
+    for name, q in data["quality"].items():
+        if q:
+            before = q.get("before_selection") or {}
+            lines.append(f"| {name} | {q['generator']} | {q['kimg']:g} | {q['n_images']:,} | {q['keep_fraction']:g} "
+                         f"| {q['value']:.3f} | {_pct(q['label_agreement'])} | {_pct(before.get('label_agreement'))} |")
+    if data.get("floor"):
+        f = data["floor"]
+        lines.append(f"| real, held out ({f['source']}) | — | — | {f['n']:,} | — | {f['value']:.3f} | "
+                     f"{_pct(f['label_agreement'])} | — |")
+    lines += ["", "## Arms", "", "| arm | store | ratio | seed | best epoch | clean best | PGD best | AA best | "
+              "clean last | PGD last | PGD best − last |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if "best_epoch" not in r:
+            lines.append(f"| {r['arm']} (not run) | {r['store'] or 'none'} | | {r['seed']} | | | | | | | |")
+            continue
+        gap = "—" if r["pgd_gap"] is None else f"{100 * r['pgd_gap']:+.2f}"
+        lines.append(f"| {r['arm']}{'' if r['finished'] else ' (unfinished)'} | {r['store'] or 'none'} | "
+                     f"{r['ratio']:g} | {r['seed']} | {r['best_epoch']}/{r['epochs']} | {_pct(r['clean_best'])} | "
+                     f"{_pct(r['pgd_best'])} | {_pct(r['aa'])} | {_pct(r['clean_last'])} | {_pct(r['pgd_last'])} | "
+                     f"{gap} |")
+    aa = spec.autoattack
+    lines += ["", f"Accuracies in %. Clean and PGD on the first {test_n:,} test images (standard error of one "
+                  f"accuracy near 60%: {100 * _se(0.6, test_n):.1f} points); AA best: "
+                  f"{' + '.join(a.upper() for a in aa.attacks)} (pyautoattack, APGD-T with {int(aa.get('targets') or 9)}"
+                  f" target classes) on the first {aa_n:,} test images, the selected checkpoint (standard error "
+                  f"{100 * _se(0.6, aa_n):.1f} points). A difference is called resolved when it exceeds twice its "
+                  "standard error and the range of the seeds."]
+    lines += ["", "## Figures", ""] + [f"![{k}]({v})" for k, v in figs.items()]
+    t = data.get("timing") or {}
+    if t:
+        lines += ["", "Seconds per stage (robustdiff-study): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def write_arms_report(out: str | os.PathLike, spec: Any) -> Path:
+    out = Path(out)
+    data = collect(out, spec)
+    figs = {k: str(p.relative_to(out)) for k, p in figures(data, out / "figures").items()}
+    atomic_write_json(out / "results.json", data | {"findings": findings(data, spec)})
+    report = out / "report.md"
+    atomic_write_text(report, render(data, spec, figs))
+    return report
