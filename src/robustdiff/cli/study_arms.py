@@ -203,6 +203,9 @@ def run_listed_study(spec: DictConfig, out: Path, data_dir: str, only: list[str]
     needs_selector = any(float(s.get("keep_fraction", 1)) < 1 for s in spec.stores.values())
     selector = train_selector(spec, out, data_dir) if needs_selector else None
     timed("classifier", t0)
+    if only and all(spec.arms[a].get("store") is None for a in only):  # real data only: no generator needed
+        _run_arms(spec, out, data_dir, only, timed)
+        return None, _all_evaluated(spec, out)
     t0 = time.monotonic()
     train_generator(spec, out, data_dir, _compose("train", list(spec.train.overrides)).limit_train)
     timed("edm", t0)
@@ -223,6 +226,11 @@ def run_listed_study(spec: DictConfig, out: Path, data_dir: str, only: list[str]
             timed("quality", t0)
     if best is None:
         best = choose_best(spec, quality)
+    _run_arms(spec, out, data_dir, only, timed)
+    return best, _all_evaluated(spec, out)
+
+
+def _run_arms(spec: DictConfig, out: Path, data_dir: str, only: list[str] | None, timed) -> None:
     names = list(spec.arms)
     for i, name in enumerate(names):
         if only and name not in only:
@@ -233,8 +241,10 @@ def run_listed_study(spec: DictConfig, out: Path, data_dir: str, only: list[str]
         t0 = time.monotonic()
         evaluate_arm(spec, run_dir)
         timed("evaluate", t0)
-    done = all((out / "runs" / n / "eval.json").is_file() for n in names)
-    return best, done
+
+
+def _all_evaluated(spec: DictConfig, out: Path) -> bool:
+    return all((out / "runs" / n / "eval.json").is_file() for n in spec.arms)
 
 
 def standard_error(p: float | None, n: int | None) -> float | None:
