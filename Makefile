@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data test demo study lint bench bench-data bench-edm bench-eval bench-train gpu-bundle gpu-check
+.PHONY: install data test demo study study-v2 lint bench bench-data bench-edm bench-eval bench-train gpu-bundle gpu-check
 
 install: $(VENV)/.installed
 
@@ -67,3 +67,8 @@ gpu-check: install
 # The generator-quality study (experiments/README.md): ~2 h on this CPU, resumable; ARGS=--report-only.
 study: install data
 	$(VENV)/bin/robustdiff-study experiments/study/fmnist_quality.yaml --out runs/study $(ARGS)
+
+# The v2 study (experiments/README.md, "v2 protocol"): ~4 h on a 2-core CPU, resumable. Two cores: run
+# `make study-v2 ARGS=--arms=real-s0,real-s1,real-s2` beside `make study-v2` once the classifiers exist.
+study-v2: install data
+	$(VENV)/bin/robustdiff-study experiments/study/fmnist_v2.yaml --out runs/v2 $(ARGS)

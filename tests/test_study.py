@@ -79,6 +79,7 @@ def test_a_study_listing_its_arms_selects_with_a_classifier_of_its_own_data_and_
     # two commands with disjoint arm lists, as two cores would run them; the report waits for both
     assert study_main([str(V2_QUICK), "--out", str(out), "--arms", "real-s0"]) == 0
     assert not (out / "report.md").exists() and "the report waits" in capsys.readouterr().out
+    assert not (out / "edm").exists()  # real-only arms need no generator
     assert study_main([str(V2_QUICK), "--out", str(out), "--arms", "raw-64img-s0,selected-s0"]) == 0
     assert (out / "report.md").is_file()
 
