@@ -4,6 +4,7 @@ byte-identical resume after an interruption, classifier filtering, and clear err
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -202,8 +203,10 @@ def test_cli(network, tmp_path, monkeypatch, capsys):
     args = ["robustdiff-generate", f"network={network}", "n=20", "out=cli", "steps=2", "seed=0", "batch_size=256",
             "shard_size=8"]
     monkeypatch.setattr(sys, "argv", args)
+    mine = logging.getLogger("a-caller-of-generate")  # run in-process, it leaves the caller's loggers working
     main()
     assert "img/s" in capsys.readouterr().out
+    assert not mine.disabled and not logging.getLogger("robustdiff.eval").disabled
     assert GeneratedStore(tmp_path / "cli").class_counts == [2] * 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]  # Hydra wrote nothing else
     monkeypatch.setattr(sys, "argv", [*args[:3], "n=7", "out=bad"])
