@@ -11,7 +11,7 @@ Four loops train the same WideResNet (same initial weights) on the same Fashion-
                   ``ours`` is the framework's overhead.
 - ``plain-fp32``: ``plain`` in float32 with the contiguous layout (the faithful ``precision=32-true`` default):
                   its distance to ``plain`` is what bf16 + channels_last buy.
-- ``reference``:  the step written the way the reference trains (SPEC §5, §10): fp32, per-image PIL
+- ``reference``:  the step written the way the reference trains (docs/method.md): fp32, per-image PIL
                   RandomCrop + RandomHorizontalFlip + ToTensor in a 2-worker DataLoader fed by a
                   reference-style batch sampler, a straightforward TRADES (``model.train()``, BN
                   tracking toggled by hand, a clean forward with autograd on for p_nat, parameters

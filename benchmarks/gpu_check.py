@@ -5,7 +5,7 @@ Measures on one GPU (sized for an H100/H200 in under 8 minutes):
 1. the card's dense bf16 peak, from a large bf16 matmul;
 2. WRN-28-10 TRADES (β = 5, K = 10, ℓ∞ 8/255) on synthetic 32×32×3 batches of 512: images/s in
    fp32 and under bf16 autocast, eager and ``torch.compile``d, peak memory, and the fraction of the
-   bf16 peak reached (SPEC §9: 27 forward-equivalents × 5.24 GMAC × 2 FLOP per image). A config
+   bf16 peak reached (docs/performance.md: 27 forward-equivalents × 5.24 GMAC × 2 FLOP per image). A config
    ending in ``+fmnist`` runs the same step on 28×28×1 batches (a 1-channel WRN): the bare-step
    figure that ``gpu_pipeline.py`` compares robustdiff-train's end-to-end Fashion-MNIST rate with;
 3. EDM CIFAR-10 DDPM++ (random weights) with the 18-step Heun sampler: images/s in fp32, bf16 and fp16,
@@ -44,7 +44,7 @@ from robustdiff.training.ema import EMA
 from robustdiff.utils.hardware import allow_graphs
 from robustdiff.utils.io import atomic_write_text
 
-FORWARD_EQUIVALENTS = 27  # SPEC §9: p_nat forward, K × (forward + input backward), 2 forwards + full backward
+FORWARD_EQUIVALENTS = 27  # p_nat forward, K × (forward + input backward), 2 forwards + full backward
 WRN_28_10_GMAC = 5.24  # per 32×32 image
 
 
@@ -232,7 +232,7 @@ def main() -> None:
     torch.manual_seed(0)
     init = build_wrn(args.model, num_classes=10, in_channels=3)
     result["wrn_gmac_per_image"] = count_macs(init, (1, 3, 32, 32), "cpu") / 1e9
-    log(f"{args.model}: {result['wrn_gmac_per_image']:.3f} GMAC per 32×32 forward (SPEC: 5.24 for wrn-28-10)")
+    log(f"{args.model}: {result['wrn_gmac_per_image']:.3f} GMAC per 32×32 forward (5.24 for wrn-28-10)")
     flop_per_image = FORWARD_EQUIVALENTS * WRN_28_10_GMAC * 1e9 * 2 if args.model == "wrn-28-10" else \
         FORWARD_EQUIVALENTS * result["wrn_gmac_per_image"] * 1e9 * 2
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-card GPU check (issue 15): the math (WRN-28-10 TRADES fp32/bf16/channels_last/compile, bf16 peak,
+# The one-card GPU check: the math (WRN-28-10 TRADES fp32/bf16/channels_last/compile, bf16 peak,
 # EDM sampling) and robustdiff's real entry points on CUDA (train + resume, compile, DDP/NCCL, generate +
 # store verify, AutoAttack). Stages and sizes: benchmarks/gpu_pipeline.py. Results: $OUT/gpu_check.json
 # (rewritten after every stage) and gpu_check.log beside it.

@@ -194,7 +194,7 @@ class Check:
 
     # ------------------------------------------------------------------ stages
     def iterations_per_epoch(self, limit_train: int) -> int:
-        return -(-limit_train // self.batch)  # SPEC §3.2: ceil(N_base / B), N_base before the validation split
+        return -(-limit_train // self.batch)  # ceil(N_base / B), N_base before the validation split
 
     def train_overrides(self, name: str, epochs: int, extra: dict[str, object]) -> list[str]:
         o: dict[str, object] = {
@@ -386,7 +386,7 @@ class Check:
         self.save()
 
     def summary(self) -> None:
-        """The figures issue 15 asks for, with their targets."""
+        """The headline figures, with their targets."""
         s: dict = {}
         trades = self.result.get("trades", {})
         bf16 = {k: v for k, v in trades.items() if k.startswith("bf16") and "fmnist" not in k and "images_per_s" in v}

@@ -4,7 +4,7 @@ Each benchmark runs in its own process (its memory figures are its own) and comp
 side within that run: TRADES training (ours vs plain PyTorch vs the reference way), the generated-data
 pipeline (our store vs the reference's .npz), EDM sampling (fp32 vs bf16, compiled), and AutoAttack
 evaluation (default batch vs a larger one). Their outputs stream as they run; the table at the end
-collects the headline figures and the targets of the performance issue.
+collects the headline figures and their targets.
 
     python benchmarks/run_all.py                  # about 12 min on 2 cores (bench_data with 1M images: ~10 GB disk)
     python benchmarks/run_all.py --quick          # smaller sizes (200k generated images, 5 timed steps)

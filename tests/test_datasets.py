@@ -22,7 +22,7 @@ def test_fashion_mnist_real_files():
     (tx, ty), (vx, vy) = split_validation(x, y)
     assert len(vx) == 1024 and len(tx) == 60000 - 1024
     assert np.array_equal(vx, x[:1024]) and np.array_equal(tx[0], x[1024])
-    assert 0.28 < x.mean() / 255 < 0.29  # SPEC mean 0.2860
+    assert 0.28 < x.mean() / 255 < 0.29  # Fashion-MNIST's pixel mean is 0.2860
 
 
 def _write_idx(path, arr):

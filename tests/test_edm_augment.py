@@ -1,4 +1,4 @@
-"""EDM's non-leaky augment pipe against a reference written from NVIDIA's algorithm (SPEC §7).
+"""EDM's non-leaky augment pipe against a reference written from NVIDIA's algorithm (docs/method.md, "The generator (EDM)").
 
 ``reference_pipe`` below is an independent, loop-free transcription of the pipe EDM trains with
 (NVlabs/edm ``training/augment.py``, the StyleGAN2-ADA pipe restricted to xflip, yflip, scale,

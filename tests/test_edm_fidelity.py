@@ -177,7 +177,7 @@ def test_nvidia_seeding_reproduces_generate_py_seed_for_seed():
 
 
 def test_churn_noise_every_step_differs_from_churned_steps_only():
-    """With S_min/S_max excluding a step, drawing only on churned steps shifts the stream (the old behaviour)."""
+    """With S_min/S_max excluding a step, drawing only on churned steps shifts the stream."""
     net = _tiny_net()
     latents = torch.randn(2, 1, 8, 8)
     labels = torch.tensor([3, 4])

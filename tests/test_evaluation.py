@@ -99,7 +99,7 @@ def train_run(run_dir: Path, data, *, name: str, seed: int, epochs: int, steps_p
             idx = perm[i * batch_size : (i + 1) * batch_size]
             xb, yb = x_train[idx], y_train[idx]
             first_step = epoch == 1 and i == 0
-            set_bn_momentum(model, 1.0 if first_step else BN_MOMENTUM)  # SPEC §4: stats start from batch one
+            set_bn_momentum(model, 1.0 if first_step else BN_MOMENTUM)  # the reference: stats start from batch one
             out = trades_loss(model, xb, yb, cfg, beta=5.0, label_smoothing=0.1, generator=gen)
             opt.zero_grad()
             out.loss.backward()
@@ -292,7 +292,7 @@ def test_paper_table_lookup_and_markdown():
 # --- export ------------------------------------------------------------------------------------------
 
 def _spec_keys(depth: int, width: int) -> set[str]:
-    """The DMWideResNet key layout, written from SPEC §4 independently of our module."""
+    """The DMWideResNet key layout, written out from RobustBench's layout independently of our module."""
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     keys = {"init_conv.weight", "logits.weight", "logits.bias"} | {f"batchnorm.{p}" for p in bn}
     n = (depth - 4) // 6

@@ -297,3 +297,10 @@ def test_reduced_precision_images_stay_close_to_fp32(network, tmp_path, precisio
     assert diff.mean() < 0.5
     assert 0 < diff.max() <= max_diff  # reduced precision really ran, and stayed close
     assert GeneratedStore(tmp_path / precision).manifest["provenance"]["sampler"]["precision"] == precision
+    # robustdiff-train's spelling of the same precision gives the same store (and finds the first one complete)
+    lightning = {"bf16": "bf16-mixed", "fp16": "16-mixed"}[precision]
+    generate(config(network, tmp_path / "lightning", f"precision={lightning}"))
+    xc, _ = GeneratedStore(tmp_path / "lightning").get(np.arange(N))
+    np.testing.assert_array_equal(xb, xc)
+    assert GeneratedStore(tmp_path / "lightning").manifest["provenance"] == \
+        GeneratedStore(tmp_path / precision).manifest["provenance"]

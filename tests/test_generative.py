@@ -203,8 +203,15 @@ def test_robustdiff_fid_command(classifier, tmp_path, capsys):
             "--out", str(ref), "--no-progress"]
     assert fid_main(argv) == 0 and load_statistics(ref).meta["source"] == "fashionmnist:test[0:500]"
     assert fid_main(argv) == 1 and "--overwrite" in capsys.readouterr().err  # never overwrites silently
+    # an output file's directory must exist (as for every command's output files): refused before any work
+    missing = tmp_path / "no-such-dir" / "ref.npz"
+    assert fid_main([*argv[:-3], "--out", str(missing), "--no-progress"]) == 1
+    assert "does not exist; create it first" in capsys.readouterr().err and not missing.parent.exists()
     x, y = load_split("fashionmnist", "test")
     store = write_store(tmp_path / "store", x[500:900], y[500:900])
+    assert fid_main(["score", str(store), "--ref", str(ref), "--classifier", str(classifier), "--json",
+                     str(tmp_path / "nowhere" / "q.json"), "--no-progress"]) == 1
+    assert "does not exist; create it first" in capsys.readouterr().err
     out_json = tmp_path / "q.json"
     assert fid_main(["score", str(store), "--ref", str(ref), "--classifier", str(classifier), "--json",
                      str(out_json), "--no-progress"]) == 0

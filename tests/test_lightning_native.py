@@ -62,7 +62,7 @@ def test_best_checkpoint_tie_goes_to_the_later_epoch(tmp_path):
     cb = RunCheckpoint(tmp_path)
     cb.best_k_models = {"best.ckpt": torch.tensor(0.5)}
     cb.kth_best_model_path = "best.ckpt"
-    assert cb.check_monitor_top_k(trainer, torch.tensor(0.5))  # equal: the later epoch wins (SPEC §5)
+    assert cb.check_monitor_top_k(trainer, torch.tensor(0.5))  # equal: the later epoch wins (docs/method.md, "TRADES")
     assert cb.check_monitor_top_k(trainer, torch.tensor(0.6))
     assert not cb.check_monitor_top_k(trainer, torch.tensor(0.4))
     plain = super(RunCheckpoint, cb).check_monitor_top_k

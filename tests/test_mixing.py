@@ -199,7 +199,7 @@ def test_large_store_permutation_is_cached():
     assert (time.perf_counter() - t) / 97 < 0.01, "consecutive batches must not rebuild the permutation"
 
 
-# -- where a permutation of the real images ends (last_batch, SPEC §5 "Epoch end with no generated data") ----
+# -- where a permutation of the real images ends (last_batch, docs/method.md, "Data and the mixing ratio") ----
 
 
 def authors_sampler_sizes(n_real, batch_size, n_gen, num_batches):

@@ -118,7 +118,7 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
 
     src = tmp_path / "tree"
     shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
     # Without PYTHONPATH: pip must see neither this checkout nor anything else as an installed robustdiff.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "WANDB_API_KEY")}
@@ -127,6 +127,10 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
                    check=True, capture_output=True, timeout=300, env=env)
     wheel = next((tmp_path / "dist").glob("robustdiff-*.whl"))
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.endswith(".dist-info/LICENSE") or n.endswith(".dist-info/licenses/LICENSE") for n in names), names
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
@@ -154,5 +158,26 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(tmp_path):
     assert "pkg://robustdiff.conf" in run(venv / "bin" / "robustdiff-train", "--info")
     assert "shard_size: 10000" in run(venv / "bin" / "robustdiff-generate", "--cfg", "job")
     run(venv / "bin" / "robustdiff-train", *TINY, "epochs=1", "run_root=runs")
+    # the shipped studies are found by name (the checkout's experiments/ is not there)
+    run(venv / "bin" / "robustdiff-study", "fmnist_v2_quick", "--out", "study", "--report-only")
     (run_dir,) = [p for p in (cwd / "runs").iterdir() if (p / "summary.json").is_file()]
     assert json.loads((run_dir / "summary.json").read_text())["finished"]
+
+
+@pytest.mark.parametrize("cli", sorted(CLIS))
+def test_every_command_prints_its_version(cli):
+    from robustdiff import __version__
+
+    out, heavy = run_cli(CLIS[cli], "--version")
+    assert out.strip() == f"robustdiff-{cli} (robustdiff {__version__})" and heavy == []
+
+
+def test_options_are_never_abbreviated_and_eval_help_shows_export():
+    proc = subprocess.run([BIN / "robustdiff-fid", "ref", "--n", "10", "--dataset", "fashionmnist", "--out", "x.npz"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unrecognized arguments: --n 10" in proc.stderr  # not read as --no-progress
+    proc = subprocess.run([BIN / "robustdiff-store", "import", "a.npz", "--o", "s"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "--o" in proc.stderr
+    out, _ = run_cli("evaluate", "--help")
+    assert "robustdiff-eval export" in out

@@ -162,6 +162,7 @@ def test_resume_with_a_changed_hyperparameter_is_refused(change, tmp_path):
     ("schedule=step", "schedule='step': choose cosinew"),
     ("generated_sampling=foo", "generated_sampling='foo': choose with_replacement"),
     ("batch_size=100000", "batch_size=100000 is larger than the 256 real training images"),
+    ("+epoch=3", "epoch: not a robustdiff-train setting (added with +epoch=...); did you mean epochs=...?"),
 ])
 def test_bad_values_are_refused_before_any_work(override, message, tmp_path):
     with pytest.raises(ConfigError) as e:

@@ -244,5 +244,5 @@ def test_run_name_in_a_sweep_puts_swept_keys_first_and_drops_constant_keys_first
     cut = run_name(None, od + "__zz:" + "y" * 80, swept=["ratio", "norm"])
     assert len(cut) <= 120 and cut.startswith("norm:linf__ratio:0.5__") and "zz:" not in cut
     assert cut != run_name(None, od + "__zz:" + "y" * 81, swept=["ratio", "norm"])  # the hash keeps names apart
-    assert run_name(None, od, swept=[]).startswith(od[:100] + "-")  # single runs: the old cut (existing runs resume)
+    assert run_name(None, od, swept=[]).startswith(od[:100] + "-")  # single runs: a plain cut at 100 characters + hash
     assert sweep_name("batch_size:64__ratio:0.5,0.7", ["ratio"]) == "ratio:0.5,0.7__batch_size:64"

@@ -135,7 +135,7 @@ def pgd_at_loss(
 
     ``attack_mode="eval"`` (the reference): the attack runs the model in eval mode (BN running statistics used,
     not updated) and the loss is plain CE. ``"train"``: the attack uses batch statistics with the running
-    statistics frozen, as TRADES' attack does (robustdiff's earlier variant, ``loss=pgd_at_train``).
+    statistics frozen, as TRADES' attack does (``loss=pgd_at_train``).
     """
     if attack_mode == "eval":
         was_training = model.training

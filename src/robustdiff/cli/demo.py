@@ -30,11 +30,12 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from ..utils.io import atomic_write_text
+from .common import argument_parser
 from .hydra_conf import CONF_DIR
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="robustdiff-demo", description=__doc__.split("\n\n")[0])
+    p = argument_parser("robustdiff-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo directory (default runs/demo)")
     p.add_argument("--data-dir", default="data", help="dataset directory (default: data, then Debian's location)")
     g = p.add_argument_group("generator")

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import torch
 
 from ..utils.lock import DirectoryLock, DirectoryLockedError
+from .common import argument_parser
 
 log = logging.getLogger("robustdiff.eval")
 
@@ -81,7 +82,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="robustdiff-eval", description=__doc__.split("\n\n")[0])
+    p = argument_parser("robustdiff-eval", description=__doc__.split("\n\n")[0],
+                        epilog="robustdiff-eval export RUN_OR_CHECKPOINT --out model.pt [--card card.json]: the model "
+                               "in RobustBench's layout, checked to give the same logits, with an optional model "
+                               "card (robustdiff-eval export --help)")
     _add_common(p)
     p.add_argument("--step", default=None, help="PGD step size (default: the run's step, else eps/4)")
     p.add_argument("--pgd-steps", type=int, default=None, help="PGD iterations (default 40)")
@@ -98,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="output directory for eval.json / eval.md (default: the run directory, or "
                         "<checkpoint stem>_eval beside a checkpoint file)")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... or auto (default: auto = cuda when available)")
     p.add_argument("--expected-clean", type=float, default=None,
                    help="recorded clean accuracy (fraction or %%) to check an imported model against "
                         "(default: the run's summary.json, else the paper's number for the setting)")
@@ -113,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="robustdiff-eval export",
-                                description="Export a run's model (or a checkpoint) in RobustBench's layout")
+    p = argument_parser("robustdiff-eval export",
+                        description="Export a run's model (or a checkpoint) in RobustBench's layout")
     _add_common(p)
     p.add_argument("--out", type=Path, required=True, help="output .pt (plain DMWideResNet state dict)")
     p.add_argument("--card", type=Path, default=None, help="also write a RobustBench model-info JSON here")
@@ -194,7 +198,8 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
         put("aa_targets", args.aa_targets, None, 9)
         put("seed", args.seed, None, 0)
         put("data_dir", args.data_dir, (run or {}).get("data_dir"), None)
-        put("device", args.device, None, "cuda" if torch.cuda.is_available() else "cpu")
+        put("device", None if args.device == "auto" else args.device, None,
+            "cuda" if torch.cuda.is_available() else "cpu")
         put("expected_clean", args.expected_clean, (summary or {}).get("test_clean_acc_best"), None)
     put("n_generated", args.n_generated, (run or {}).get("n_generated"), 0)
     model = (run or {}).get("model") or {}

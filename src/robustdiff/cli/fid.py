@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from .common import add_subcommand, argument_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="robustdiff-fid", description=__doc__.split("\n\n")[0],
+    p = argument_parser("robustdiff-fid", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     sub = p.add_subparsers(dest="command", required=True)
@@ -36,10 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--inception-weights", default=None,
                        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: torch.hub's cache)")
         q.add_argument("--batch-size", type=int, default=500)
-        q.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+        q.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default: auto = cuda when available)")
         q.add_argument("--no-progress", action="store_true")
 
-    ref = sub.add_parser("ref", help="reference statistics (mu, sigma) of a dataset split")
+    ref = add_subcommand(sub, "ref", help="reference statistics (mu, sigma) of a dataset split")
     ref.add_argument("--dataset", required=True)
     ref.add_argument("--split", choices=("train", "test"), default="train")
     ref.add_argument("--start", type=int, default=0, help="first image of the split (default 0)")
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     features(ref)
 
-    score = sub.add_parser("score", help="FD (and label agreement) of a generated store against a reference")
+    score = add_subcommand(sub, "score", help="FD (and label agreement) of a generated store against a reference")
     score.add_argument("store")
     score.add_argument("--ref", required=True, help="reference statistics .npz (robustdiff-fid ref, or EDM's)")
     score.add_argument("--n", type=int, default=50_000, help="first N images of the store (default 50,000, as EDM)")
@@ -61,11 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_ref(args: argparse.Namespace) -> dict:
     from ..data.datasets import get_info, load_split
+    from ..data.store import check_new_file
     from ..evaluation.generative import QualityError, batches_of, compute_statistics, feature_extractor, save_statistics
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise QualityError(f"--out {out}: exists; pass --overwrite to replace it, or choose another file")
+    out = check_new_file(args.out, args.overwrite, what="--out")  # before any feature is computed
     info = get_info(args.dataset)
     extractor, meta, _ = feature_extractor(args.features, inception_weights=args.inception_weights,
                                            classifier=args.classifier, dataset=info.name,
@@ -85,9 +85,12 @@ def run_ref(args: argparse.Namespace) -> dict:
 
 
 def run_score(args: argparse.Namespace) -> dict:
+    from ..data.store import check_new_file
     from ..evaluation.generative import score_store
     from ..utils.io import atomic_write_json
 
+    if args.json_out:
+        check_new_file(args.json_out, overwrite=True, what="--json")  # its directory, before the scoring
     result = score_store(args.store, args.ref, features=args.features, classifier=args.classifier,
                          inception_weights=args.inception_weights, n=args.n, batch_size=args.batch_size,
                          device=args.device, record=not args.no_record, progress=not args.no_progress)

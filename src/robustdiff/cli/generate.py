@@ -4,7 +4,7 @@
     robustdiff-generate network=edm-cifar10-32x32-cond-vp.pkl dataset=cifar10 n=1000000 steps=20 \\
         out=data/generated/c10-1m classifier=runs/<trades run> keep_fraction=0.2 trainer=gpu trainer.devices=8
 
-What is generated (SPEC §7): image i (0 ≤ i < N) has label i mod K and starts from noise drawn from its
+What is generated (docs/method.md, "The generator (EDM)"): image i (0 ≤ i < N) has label i mod K and starts from noise drawn from its
 own generator, seeded by (seed, i) — so the images do not depend on the batch size or the number of
 processes. N must be a multiple of K (exactly N/K images per class). The store uses the block layout
 (``robustdiff.data.store``): shard b holds images [b·S, (b+1)·S); processes take disjoint runs of
@@ -172,8 +172,10 @@ def plan(cfg: dict, num_classes: int) -> dict[str, Any]:
     if cfg.get("compile", False) not in COMPILE_CHOICES:
         raise GenerationError(f"compile={cfg.get('compile')!r}: choose false, true or a torch.compile mode "
                               f"({', '.join(COMPILE_MODES)})")
+    cfg["precision"] = PRECISION_ALIASES.get(cfg["precision"], cfg["precision"])
     if cfg["precision"] not in AUTOCAST:
-        raise GenerationError(f"precision={cfg['precision']!r}: choose one of {', '.join(AUTOCAST)}")
+        raise GenerationError(f"precision={cfg['precision']!r}: choose 32-true, bf16-mixed or 16-mixed (as "
+                              f"robustdiff-train; short forms {', '.join(AUTOCAST)})")
     out = Path(cfg["out"])
     if cfg["classifier"] is None:
         if keep != 1:
@@ -206,8 +208,8 @@ def _seeding_provenance(seeding: str) -> dict[str, str]:
         return {"seeding": "nvidia",
                 "seeds": "image i: NVIDIA generate.py with seed (seed + i) mod 2**32 (a torch.Generator on the "
                          "sampling device): latents, then label randint(num_classes), then churn noise every step"}
-    # The default scheme is recorded by its description alone, as before the seeding option existed, so that
-    # stores begun earlier keep the same provenance and still resume.
+    # The default scheme is recorded by its description alone (no "seeding" key), so that every store of this
+    # scheme has the same provenance and resumes.
     return {"seeds": "image i: torch.Generator seeded with splitmix64(splitmix64(seed) ^ i); label i % num_classes"}
 
 
@@ -254,6 +256,8 @@ def _confidence(classifier, images: np.ndarray, labels: np.ndarray, batch_size: 
 
 # precision= -> the torch dtype the U-Net runs in under autocast (None: plain float32). The solver state stays float64.
 AUTOCAST = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+# robustdiff-train's (Lightning's) spellings mean the same here; a store records the short form.
+PRECISION_ALIASES = {"32-true": "fp32", "32": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}
 
 
 class ShardWriter:

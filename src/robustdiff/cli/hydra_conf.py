@@ -117,6 +117,11 @@ def run_hydra_command(prog: str, hydra_main: Callable[[], object], write_hint: s
     line naming the argument. Hydra's own messages for bad overrides are printed as Hydra prints them, and
     any other error keeps its full traceback. ``HYDRA_FULL_ERROR=1`` set by the user leaves everything to Hydra.
     """
+    if "--version" in sys.argv[1:]:
+        from .common import version_line
+
+        print(version_line(prog))
+        return
     for arg in sys.argv[1:]:
         byte = _undecodable(arg)
         if byte is not None:

@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..utils.extras import missing_extra
+from .common import argument_parser
 
 log = logging.getLogger("robustdiff.report")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="robustdiff-report", description=__doc__.split("\n\n")[0])
+    p = argument_parser("robustdiff-report", description=__doc__.split("\n\n")[0])
     p.add_argument("path", type=Path, help="a run directory (with run.json), a directory of runs, or a sweep's folder "
                                            "(<run_root>/sweeps/<sweep>: exactly the jobs its jobs.txt lists)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: PATH)")

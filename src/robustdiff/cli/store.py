@@ -27,29 +27,31 @@ from robustdiff.data.store import (
 )
 from robustdiff.utils.io import describe_os_error
 
+from .common import add_subcommand, argument_parser
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="robustdiff-store", description="Manage generated-data stores.")
+    p = argument_parser("robustdiff-store", description="Manage generated-data stores.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    imp = sub.add_parser("import", help="import reference-layout .npz files ('image', 'label') into a store")
+    imp = add_subcommand(sub, "import", help="import reference-layout .npz files ('image', 'label') into a store")
     imp.add_argument("npz", nargs="+", help=".npz parts, in order")
     imp.add_argument("--out", required=True, help="store directory (new, or a partial import to resume)")
     imp.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard")
     imp.add_argument("--num-classes", type=int, default=None, help="default: max label + 1")
     imp.add_argument("--no-progress", action="store_true")
 
-    exp = sub.add_parser("export", help="export a store to an uncompressed reference-layout .npz")
+    exp = add_subcommand(sub, "export", help="export a store to an uncompressed reference-layout .npz")
     exp.add_argument("store")
     exp.add_argument("out", help="output .npz path (must not exist unless --overwrite)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     exp.add_argument("--no-progress", action="store_true")
 
-    info = sub.add_parser("info", help="print a store's manifest summary")
+    info = add_subcommand(sub, "info", help="print a store's manifest summary")
     info.add_argument("store")
     info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
 
-    ver = sub.add_parser("verify", help="check every shard's size and sha256 checksum")
+    ver = add_subcommand(sub, "verify", help="check every shard's size and sha256 checksum")
     ver.add_argument("store")
     ver.add_argument("--no-progress", action="store_true")
     return p

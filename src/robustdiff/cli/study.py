@@ -43,6 +43,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .common import argument_parser
 from .demo import _compose, _evaluated, _require_finished
 
 log = logging.getLogger("robustdiff.study")
@@ -53,10 +54,11 @@ class StudyError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="robustdiff-study", description=__doc__.split("\n\n")[0],
+    p = argument_parser("robustdiff-study", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("study", type=Path, help="study file (experiments/study/*.yaml)")
+    p.add_argument("study", type=Path,
+                   help=f"a study file, or the name of one shipped with robustdiff ({', '.join(shipped_studies())})")
     p.add_argument("--out", type=Path, required=True, help="study directory (created; rerun to resume)")
     p.add_argument("--data-dir", default="data", help="dataset directory (default: data, then Debian's location)")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from what exists")
@@ -69,15 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------- the plan
 
 
+STUDIES = Path(__file__).resolve().parent.parent / "studies"  # shipped in the package (a wheel has them)
+
+
+def shipped_studies() -> list[str]:
+    return sorted(p.stem for p in STUDIES.glob("*.yaml"))
+
+
+def resolve_study(path: Path) -> Path:
+    """`path` itself when it is a file; a bare name (``fmnist_v2``) is the study shipped under that name."""
+    if path.is_file():
+        return path
+    if len(path.parts) == 1 and (STUDIES / f"{path.stem}.yaml").is_file():
+        return STUDIES / f"{path.stem}.yaml"
+    raise StudyError(f"study file {path}: no such file — give a study file's path or the name of a shipped study "
+                     f"({', '.join(shipped_studies())})")
+
+
 def load_study(path: Path, out: Path) -> DictConfig:
-    if not path.is_file():
-        raise StudyError(f"study file {path}: no such file (see experiments/study/)")
+    path = resolve_study(path)
     spec = OmegaConf.load(path)
     listed = "arms" in spec or "stores" in spec
     for key in ("name", "dataset", "classifier", "reference", "floor", "edm", "generators", "generate", "train",
                 "autoattack", *(("stores", "arms") if listed else ())):
         if key not in spec:
-            raise StudyError(f"study file {path}: missing field '{key}' (see experiments/study/fmnist_quality.yaml)")
+            raise StudyError(f"study file {path}: missing field '{key}' (see the shipped study fmnist_quality)")
     if not spec.generators:
         raise StudyError(f"study file {path}: generators: name at least one EDM snapshot (name: kimg)")
     if listed:
@@ -307,8 +325,9 @@ def run_study(args: argparse.Namespace) -> Path:
     from ..evaluation.study_report import write_study_report as write_quality_report
 
     out: Path = args.out
+    study = resolve_study(args.study)  # before anything is created
     out.mkdir(parents=True, exist_ok=True)
-    spec = load_study(args.study, out)
+    spec = load_study(study, out)
     listed = "arms" in spec
     if args.arms and not listed:
         raise StudyError(f"--arms: {args.study} does not list its arms (no arms: section)")

@@ -79,7 +79,7 @@ class MixedBatchLoader:
 class EvalLoader:
     """One evaluation split, this rank's share (every world-th image from its rank), in fixed-size batches of
     uint8 (b, H, W, C) images and int64 labels. The order never changes: the attack noise of a batch depends
-    only on its position (SPEC §5 evaluation is a pure function of the weights and the seed)."""
+    only on its position (evaluation is a pure function of the weights and the seed)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, rank: int = 0,
                  world_size: int = 1):

@@ -18,7 +18,7 @@ import numpy as np
 from ..utils.io import atomic_path
 
 VALIDATION_SIZE = 1024
-# How the validation images are chosen (SPEC §5 "Validation split"): "first" = the first n_val training images
+# How the validation images are chosen (docs/method.md, "TRADES"): "first" = the first n_val training images
 # (the reference; a fair sample where the stored order is random), "stratified" = a seeded sample with every
 # class in proportion to its size (for sets stored sorted by class, ImageFolder-style).
 VAL_SPLITS = ("first", "stratified")
@@ -41,7 +41,7 @@ class DatasetInfo:
 
     @property
     def n_base(self) -> int:
-        """Epoch base N: the real training set's size before the validation split (SPEC §3.2)."""
+        """Epoch base N: the real training set's size before the validation split (docs/method.md, "Data and the mixing ratio")."""
         return self.n_train
 
 

@@ -1,4 +1,4 @@
-"""Which real and which generated images go into each batch (SPEC §3.2).
+"""Which real and which generated images go into each batch (docs/method.md, "Data and the mixing ratio").
 
 `MixedBatchPlan` is a pure function of (epoch, step): a resumed run needs only those two numbers
 to draw exactly the batches an uninterrupted run would have drawn, on any number of ranks.

@@ -1,4 +1,4 @@
-"""Non-leaky augmentation for EDM training (Karras et al. 2022, App. F.2; SPEC §7).
+"""Non-leaky augmentation for EDM training (Karras et al. 2022, App. F.2; docs/method.md, "The generator (EDM)").
 
 Each image is augmented with probability-weighted geometric transforms and the network is told which
 ones through a 9-vector, so it learns the augmented distribution as a *separate, labelled* task. At

@@ -1,4 +1,4 @@
-"""EDM preconditioning and training loss (Karras et al., 2022, Table 1), SPEC §7.
+"""EDM preconditioning and training loss (Karras et al., 2022, Table 1), docs/method.md, "The generator (EDM)".
 
     D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x; c_noise(σ), labels)
 

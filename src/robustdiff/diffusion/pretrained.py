@@ -1,4 +1,4 @@
-"""Safe loading of NVIDIA's pretrained EDM checkpoints (``edm-cifar10-32x32-cond-vp.pkl`` etc.), SPEC §7.
+"""Safe loading of NVIDIA's pretrained EDM checkpoints (``edm-cifar10-32x32-cond-vp.pkl`` etc.), docs/method.md, "The generator (EDM)".
 
 Licence: NVIDIA's EDM network weights are licensed by their authors under Creative Commons
 Attribution-NonCommercial-ShareAlike 4.0 (CC BY-NC-SA 4.0, http://creativecommons.org/licenses/by-nc-sa/4.0/).

@@ -9,7 +9,7 @@ and its class label is ``i % num_classes``. Any partition of the indices into ba
 therefore yields the same images, up to float32 differences between convolution kernels at different
 batch sizes (observed ≤ 1e-6 in the float64 solver state on CPU).
 Class balance: among indices 0..N−1 every class appears ⌊N/K⌋ or ⌈N/K⌉ times, exactly N/K when K
-divides N (SPEC §7: the reference reuses the same seeds per class; we use distinct seeds).
+divides N (the reference reuses the same seeds per class; we use distinct seeds).
 
 ``seeding="nvidia"`` instead reproduces NVIDIA's ``generate.py`` seed for seed: image i uses a generator
 on the sampling device seeded with (seed + i) mod 2³² (so seed 0 ⇔ ``--seeds=0-(N−1)``); from it come the

@@ -1,4 +1,4 @@
-"""Generator quality (SPEC §7, "Generator quality"): FID as EDM computes it, classifier FD, label agreement.
+"""Generator quality (docs/method.md, "The generator (EDM)"): FID as EDM computes it, classifier FD, label agreement.
 
 * **Statistics** of a set of images are the mean μ and covariance Σ (float64) of its features, accumulated
   by ``torchmetrics.image.fid.FrechetInceptionDistance`` (sums of features and of their outer products in

@@ -4,7 +4,7 @@ Plain PyTorch. Module and attribute names (``map_noise``, ``enc['32x32_block0'].
 constructor keyword names follow NVIDIA's EDM release exactly, so that the ``ema`` network of an EDM
 ``.pkl`` (see ``robustdiff.diffusion.pretrained``) loads into ``SongUNet(**saved_init_kwargs)`` with
 ``load_state_dict(strict=True)``. Everything below is written from the architecture description in
-SPEC §7; parameter counts are checked in the tests (CIFAR-10 conditional DDPM++: 55,735,299).
+docs/method.md, "The generator (EDM)"; parameter counts are checked in the tests (CIFAR-10 conditional DDPM++: 55,735,299).
 
 Image sizes: the encoder halves the resolution ``len(channel_mult) - 1`` times with stride-2 resampling
 and the decoder doubles it back, so ``img_resolution`` must be divisible by ``2 ** (len(channel_mult) - 1)``.

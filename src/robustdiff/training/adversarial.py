@@ -1,4 +1,4 @@
-"""Lightning glue for TRADES / PGD-AT training of a WideResNet (SPEC §5).
+"""Lightning glue for TRADES / PGD-AT training of a WideResNet (docs/method.md, "TRADES").
 
 The math lives in ``robustdiff.adversarial``; this module owns the loop: per-step randomness,
 the BN-momentum rule, EMA, the per-epoch "cosinew" schedule, evaluation of the EMA model in Lightning's
@@ -239,7 +239,7 @@ class AdversarialTraining(pl.LightningModule):
         if self._skip_evaluation():
             return
         self._eval_started = time.perf_counter()
-        # The EMA model takes the live model's BN running statistics at the end of each epoch (SPEC §5).
+        # The EMA model takes the live model's BN running statistics at the end of each epoch (docs/method.md, "TRADES").
         self.ema.copy_buffers(self.model)
         self.ema.module.eval()
         epoch = self._evaluating_epoch()

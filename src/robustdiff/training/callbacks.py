@@ -175,7 +175,7 @@ class RunCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint with robustdiff's publication rules, in ``<run_dir>/checkpoints``.
 
     * ``best.ckpt`` is the top-1 checkpoint by ``monitor`` (val_pgd_acc, the EMA model's validation PGD
-      accuracy), ties going to the later epoch (SPEC §5: ``>=``, where ModelCheckpoint uses ``>``); with it
+      accuracy), ties going to the later epoch (as the authors' code: ``>=``, where ModelCheckpoint uses ``>``); with it
       the EMA weights in ``model.pt``.
     * After every validation (the end of each epoch): best.ckpt / model.pt, then history.* and summary.json,
       then ``last.ckpt`` last: it is the commit record. A crash before it leaves the previous epoch's
@@ -216,7 +216,7 @@ class RunCheckpoint(ModelCheckpoint):
         return self.ckpt_dir / "best.ckpt"
 
     def check_monitor_top_k(self, trainer: pl.Trainer, current: torch.Tensor | None = None) -> bool:
-        """Ties go to the later epoch (SPEC §5): a score equal to the best so far replaces it."""
+        """Ties go to the later epoch (docs/method.md, "TRADES"): a score equal to the best so far replaces it."""
         if current is None:
             return False
         if not self.best_k_models:

@@ -1,4 +1,4 @@
-"""Lightning glue for EDM training of a class-conditional SongUNet (SPEC §7).
+"""Lightning glue for EDM training of a class-conditional SongUNet (docs/method.md, "The generator (EDM)").
 
 The math (preconditioning, loss, augmentation, sampler) lives in ``robustdiff.diffusion``; this module
 owns the loop around it, following NVIDIA's ``training_loop.py``:

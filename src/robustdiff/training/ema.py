@@ -1,4 +1,4 @@
-"""Weight averaging exactly as the reference trains it (SPEC §5), as one fused multi-tensor update."""
+"""Weight averaging exactly as the reference trains it (docs/method.md, "TRADES"), as one fused multi-tensor update."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 def ema_decay(step: int, warmup_steps: float, tau: float = 0.995) -> float:
     """Decay of the update after optimiser step ``step``: the 1-based count of optimiser steps including the
-    current one, as the reference passes its global step after incrementing it (SPEC §5).
+    current one, as the reference passes its global step after incrementing it (docs/method.md, "TRADES").
 
     Before the warm-up (step < W) the average equals the live weights (decay 0); then
     min(τ, (1 + Δ) / (10 + Δ)) with Δ = step − W.

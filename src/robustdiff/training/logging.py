@@ -136,7 +136,7 @@ class WandbRun(Checkpoint):
     """What a robustdiff job adds to its W&B run beyond the logged metrics.
 
     * ``define_metric``: the summary of the validation PGD accuracy is its maximum; ``best/*`` (the best epoch
-      by the run's selection rule, SPEC §5: highest validation accuracy, ties → later epoch) is logged every
+      by the run's selection rule, docs/method.md, "TRADES": highest validation accuracy, ties → later epoch) is logged every
       epoch and written to the summary at the end with ``last/*``.
     * TRADES runs: a grid of clean (top) and PGD (bottom) validation images of the EMA model every
       ``test_every`` epochs and at the last epoch (also ``examples/adversarial-<epoch>.png`` in the run directory).

@@ -100,8 +100,30 @@ def attack_config(norm: DictConfig) -> AttackConfig:
         raise ConfigError(str(e)) from e
 
 
+def _known_keys() -> set[str]:
+    """The top-level keys of robustdiff-train's config: train.yaml's own and its groups."""
+    base = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "train.yaml"))
+    groups = {next(iter(d)) if isinstance(d, dict) else d for d in base.get("defaults", [])}
+    groups = {g.split("/")[0] for g in groups if not g.startswith(("_self_", "override"))}
+    return {str(k) for k in base if k != "defaults"} | groups
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """A top-level key robustdiff-train does not know (``+epoch=3`` for ``epochs=3``) is a typo, not a setting."""
+    import difflib
+
+    known = _known_keys()
+    for key in cfg:
+        if key not in known and key != "hydra":
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"did you mean {close[0]}=...?" if close else "see robustdiff-train --help for the keys"
+            raise ConfigError(f"{key}: not a robustdiff-train setting (added with +{key}=...); {hint} — an unknown "
+                              f"key would change nothing but the run's name")
+
+
 def validate(cfg: DictConfig) -> AttackConfig:
     """Every range check that must fail before any data is read or any step is taken."""
+    check_keys(cfg)
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
@@ -337,7 +359,7 @@ CONTROLLED = {
     "min_epochs": "a run is `epochs` long (shorter only when a callbacks= entry such as EarlyStopping stops it)",
     "min_steps": "a run is `epochs` long (shorter only when a callbacks= entry such as EarlyStopping stops it)",
     "max_time": "stop a run with a signal (SIGTERM/SIGUSR1/Ctrl-C): it then saves at a step boundary",
-    "check_val_every_n_epoch": "every epoch is evaluated (best epoch by validation PGD, SPEC §5)",
+    "check_val_every_n_epoch": "every epoch is evaluated (best epoch by validation PGD; docs/method.md, TRADES)",
     "val_check_interval": "every epoch is evaluated once, at its end",
     "accumulate_grad_batches": "one optimiser step per global batch (EMA, schedule and resume count steps)",
     "reload_dataloaders_every_n_epochs": "the batch plan already changes every epoch",
