@@ -415,6 +415,18 @@ def test_cli_eval_flags_override_run_json(sweep, tmp_path):
     ev = json.loads((out / "eval.json").read_text())
     assert ev["settings"]["eps"] == pytest.approx(4 / 255) and ev["sources"]["eps"] == "flag"
     assert ev["settings"]["step"] == pytest.approx(1 / 255) and ev["autoattack"] is None
+    # the PGD loss is the run's test-set loss (run.json eval.test_loss), the steps come from the flag
+    assert ev["sources"]["pgd_loss"] == "run.json" and ev["settings"]["pgd_loss"] == "ce"
+    assert ev["sources"]["pgd_steps"] == "flag" and ev["pgd"]["steps"] == 5
+    assert "| PGD-5 ce (%) |" in (out / "eval.md").read_text() and "PGD-40" not in (out / "eval.md").read_text()
+    # a second evaluation with other settings: eval.json is the latest, the first is kept under evals/
+    cli_eval.main([str(root / "fmnist-a"), "--n-examples", "8", "--attacks", "clean,pgd", "--pgd-loss", "cw",
+                   "--out", str(out), "--device", "cpu"])
+    latest = json.loads((out / "eval.json").read_text())
+    assert latest["settings"]["pgd_loss"] == "cw" and latest["sources"]["pgd_steps"] == "run.json"
+    assert latest["pgd"]["steps"] == 5  # the run's eval.steps
+    kept = [json.loads(f.read_text()) for f in sorted((out / "evals").glob("*.json"))]
+    assert [k["settings"]["pgd_loss"] for k in kept] == ["ce", "cw"] and kept[0]["pgd"] == ev["pgd"]
     with pytest.raises(SystemExit, match="8/255"):
         cli_eval.main([str(root / "fmnist-a"), "--eps", "8", "--out", str(out)])
 

@@ -218,6 +218,12 @@ def test_robustdiff_fid_command(classifier, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "classifier FD" in printed and "only 400 of the 50,000" in printed
     assert json.loads(out_json.read_text())["n"] == 400
+    # --n-examples, the count's name on every command (--n its short form): the first 300 images only
+    for flag in ("--n-examples", "--n"):
+        assert fid_main(["score", str(store), "--ref", str(ref), "--classifier", str(classifier), flag, "300",
+                         "--json", str(out_json), "--no-progress"]) == 0
+        assert json.loads(out_json.read_text())["n"] == 300
+    capsys.readouterr()
     # Inception statistics compared with classifier features: refused, naming the file and the field.
     edm_ref = tmp_path / "edm.npz"
     np.savez(edm_ref, mu=np.zeros(2048), sigma=np.eye(2048))

@@ -88,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "card (robustdiff-eval export --help)")
     _add_common(p)
     p.add_argument("--step", default=None, help="PGD step size (default: the run's step, else eps/4)")
-    p.add_argument("--pgd-steps", type=int, default=None, help="PGD iterations (default 40)")
-    p.add_argument("--pgd-loss", choices=("ce", "cw"), default=None, help="PGD loss (default ce)")
+    p.add_argument("--pgd-steps", type=int, default=None,
+                   help="PGD iterations (default: the run's eval.steps from run.json, else 40)")
+    p.add_argument("--pgd-loss", choices=("ce", "cw"), default=None,
+                   help="PGD loss (default: the run's eval.test_loss from run.json, else ce)")
     p.add_argument("--n-examples", type=int, default=None, help="first N test images (default: all)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default 128)")
     p.add_argument("--attacks", type=_csv(ATTACKS), default=None, help="default clean,pgd,autoattack")
@@ -189,8 +191,11 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
     if hasattr(args, "n_examples"):
         put("step", float(parse_eps(args.step, settings["norm"])) if args.step is not None else None,
             rnorm.get("step") if same_norm and sources["eps"] == "run.json" else None, settings["eps"] / 4)
-        put("pgd_steps", args.pgd_steps, None, 40)
-        put("pgd_loss", args.pgd_loss, None, "ce")
+        # The run's own PGD (steps and test-set loss) unless a flag says otherwise: the numbers eval prints are
+        # then comparable with the run's per-epoch test PGD.
+        run_eval = (run or {}).get("eval") or {}
+        put("pgd_steps", args.pgd_steps, run_eval.get("steps"), 40)
+        put("pgd_loss", args.pgd_loss, run_eval.get("test_loss"), "ce")
         put("n_examples", args.n_examples, None, None)
         put("batch_size", args.batch_size, None, 128)
         put("attacks", args.attacks, None, list(ATTACKS))
@@ -302,7 +307,7 @@ def _run_evaluation(args: argparse.Namespace, s: dict[str, Any], sources: dict[s
         write_eval_results,
     )
 
-    for key in ("dataset", "norm", "eps", "n_examples", "attacks", "seed"):
+    for key in ("dataset", "norm", "eps", "n_examples", "attacks", "pgd_steps", "pgd_loss", "seed"):
         log.info("setting %s = %s (%s)", key, format_eps(s[key]) if key == "eps" else s[key], sources[key])
     device = torch.device(s["device"])
     try:
@@ -360,8 +365,8 @@ def _run_evaluation(args: argparse.Namespace, s: dict[str, Any], sources: dict[s
         results["warnings"].append(f"evaluated on the first {len(y)} of {get_info(s['dataset']).n_test} test "
                                    "images; the paper's numbers are on the full test set")
     results["paper"] = paper_result_dict(paper)
-    json_path, md_path = write_eval_results(out, results)
-    log.info("wrote %s and %s", json_path, md_path)
+    json_path, md_path, kept = write_eval_results(out, results)
+    log.info("wrote %s and %s (this evaluation is also kept as %s)", json_path, md_path, kept)
     log_to_wandb(args, s, results)
     return results
 

@@ -5,9 +5,9 @@
     robustdiff-fid ref --dataset fashionmnist --split test --features classifier --classifier runs/clf --out ref.npz
     # a store's first N images against them; the result is recorded in the store's manifest
     robustdiff-fid score data/generated/cifar10-1m --ref c10.npz --features inception --inception-weights W.pth
-    robustdiff-fid score runs/gen/store --ref ref.npz --features classifier --classifier runs/clf --n 10000
+    robustdiff-fid score runs/gen/store --ref ref.npz --features classifier --classifier runs/clf --n-examples 10000
 
-FID = Inception-v3 pool3 features of 50,000 generated images (``--n``) against the training set's statistics;
+FID = Inception-v3 pool3 features of 50,000 generated images (``--n-examples``) against the training set's statistics;
 EDM's published ``cifar10-32x32.npz`` reference works as ``--ref``. Classifier FD uses the penultimate
 features of a WideResNet trained by robustdiff on the real data (``robustdiff-train loss=ce ...``): it works
 offline for every dataset and ranks generators measured with the same classifier. With ``--classifier`` the
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     score = add_subcommand(sub, "score", help="FD (and label agreement) of a generated store against a reference")
     score.add_argument("store")
     score.add_argument("--ref", required=True, help="reference statistics .npz (robustdiff-fid ref, or EDM's)")
-    score.add_argument("--n", type=int, default=50_000, help="first N images of the store (default 50,000, as EDM)")
+    score.add_argument("--n-examples", "--n", dest="n", type=int, default=50_000,
+                       help="first N images of the store (default 50,000, as EDM; --n is its short form)")
     score.add_argument("--no-record", action="store_true", help="do not record the result in the store's manifest")
     score.add_argument("--json", dest="json_out", default=None, help="also write the result to this JSON file")
     features(score)

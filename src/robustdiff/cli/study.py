@@ -241,7 +241,7 @@ def measure_stores(spec: DictConfig, out: Path, stores: dict[str, Path], classif
             results[name] = json.loads(path.read_text())
             continue
         _stage(f"5/9 quality of {name}", f"robustdiff-fid score {store} --ref {out / 'quality' / 'reference.npz'} "
-               f"--features classifier --classifier {classifier} --n {spec.generate.n}")
+               f"--features classifier --classifier {classifier} --n-examples {spec.generate.n}")
         r = score_store(store, out / "quality" / "reference.npz", features="classifier", classifier=classifier,
                         n=spec.generate.n)
         r["generator"] = name

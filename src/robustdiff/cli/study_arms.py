@@ -139,7 +139,7 @@ def measure_store(spec: DictConfig, out: Path, name: str, best: str | None, clas
     s = spec.stores[name]
     store = out / "stores" / name
     _stage(f"quality of {name}", f"robustdiff-fid score {store} --ref {out / 'quality' / 'reference.npz'} "
-           f"--features classifier --classifier {classifier} --n {s.n}")
+           f"--features classifier --classifier {classifier} --n-examples {s.n}")
     r = score_store(store, out / "quality" / "reference.npz", features="classifier", classifier=classifier, n=s.n)
     gen, _, kimg = _store_network(spec, out, s, best)
     r.update(store=name, generator=gen, kimg=kimg, n_images=int(s.n), keep_fraction=float(s.get("keep_fraction", 1)))

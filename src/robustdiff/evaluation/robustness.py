@@ -513,9 +513,10 @@ def render_eval_markdown(results: dict[str, Any]) -> str:
     lines.append(f"{s['dataset']}, {s['norm']} ε = {format_eps(s['eps'])}, {s['model']}, "
                  f"{format_count(s.get('n_generated'))} generated, {results['n_examples']} test points, "
                  f"seed {s['seed']}.")
-    lines += ["", "| | clean (%) | PGD-40 (%) | AutoAttack (%) | points |", "|---|---|---|---|---|"]
     clean = results.get("clean")
     pgd = results.get("pgd")
+    pgd_name = f"PGD-{s['pgd_steps']} {s.get('pgd_loss', '')}".strip() if s.get("pgd_steps") else "PGD"
+    lines += ["", f"| | clean (%) | {pgd_name} (%) | AutoAttack (%) | points |", "|---|---|---|---|---|"]
     aa = results.get("autoattack")
     aa_name = "AutoAttack" if not aa or aa["version"] == "standard" else f"AutoAttack ({'+'.join(aa['attacks'])})"
     lines[-2] = lines[-2].replace("AutoAttack", aa_name, 1)
@@ -537,13 +538,22 @@ def render_eval_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_eval_results(out_dir: str | os.PathLike, results: dict[str, Any]) -> tuple[Path, Path]:
-    """Write ``eval.json`` and ``eval.md`` into ``out_dir`` (atomically). Returns both paths."""
+def write_eval_results(out_dir: str | os.PathLike, results: dict[str, Any]) -> tuple[Path, Path, Path]:
+    """Write ``eval.json`` and ``eval.md`` (the latest evaluation) into ``out_dir``, and keep this evaluation as
+    ``evals/<n>-<created>.json`` beside every earlier one, so an evaluation with other settings never loses a result.
+    Every write is atomic. Returns (eval.json, eval.md, the kept copy)."""
     out_dir = Path(out_dir)
     json_path, md_path = out_dir / "eval.json", out_dir / "eval.md"
+    history = out_dir / "evals"
+    history.mkdir(exist_ok=True)
+    stamp = str(results.get("created") or "undated").replace("-", "").replace(":", "").replace("+0000", "Z")
+    index = 1 + max((int(f.name.split("-", 1)[0]) for f in history.glob("*.json")
+                     if f.name.split("-", 1)[0].isdigit()), default=0)
+    kept = history / f"{index:04d}-{stamp}.json"  # numbered: sorted by name is the order they ran in
+    atomic_write_json(kept, results)
     atomic_write_json(json_path, results)
     atomic_write_text(md_path, render_eval_markdown(results))
-    return json_path, md_path
+    return json_path, md_path, kept
 
 
 def paper_result_dict(row: PaperResult | None) -> dict[str, Any] | None:
