@@ -38,6 +38,11 @@ def test_validation_loop_logs_console_and_revalidate(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "epoch 1/2: test clean" in out and "epoch 2/2: test clean" in out and "img/s" in out, out
     assert f"robustdiff-eval {run}" in out and str(run / "model.pt") in out
+    # on this CPU the suggested attack is a subset that finishes in minutes, with the full one named for a GPU
+    assert f"robustdiff-eval {run} --n-examples 200 --aa-attacks apgd-ce" in out and "on a GPU" in out
+    from robustdiff.training.run import eval_suggestion
+
+    assert eval_suggestion(run, cuda=True) == f"robustdiff-eval {run}"  # a GPU: the full, standard evaluation
 
     rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").open()))
     per_epoch = [r for r in rows if r.get("epoch/val_pgd_acc")]

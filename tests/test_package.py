@@ -58,6 +58,9 @@ def test_help_lists_each_clis_own_groups_including_experiment():
     assert groups(edm) == {"dataset", "edm", "trainer", "logger"}
     generate, _ = run_cli("generate", "--help")
     assert groups(generate) == {"trainer", "dataset"}
+    # recipes are advertised only by the command that takes them
+    assert "experiment=NAME" in train and "experiment/NAME.yaml" in train
+    assert "experiment" not in edm and "experiment" not in generate
 
 
 def test_hydra_flags_work_without_command_line_rewriting(tmp_path):
