@@ -242,9 +242,11 @@ def test_compiled_trades_step_matches_eager():
     assert _rel(outs[1].loss.detach(), outs[0].loss.detach()) < COMPILE_LOSS_RTOL
     for (name, pe), pc in zip(eager.named_parameters(), plain.parameters()):
         assert _cos(pc.grad, pe.grad) >= COMPILE_GRAD_COS, name
-    for be, bc in zip(eager.buffers(), plain.buffers()):  # BN running statistics, updated once by the outer step
-        # Both forwards' batch statistics enter them, so a flipped attack pixel shows here first (measured 4e-5).
-        assert _rel(bc.float(), be.float()) < 1e-4
+    for (name, be), bc in zip(eager.named_buffers(), plain.buffers()):  # BN running statistics, one update
+        # Both forwards' batch statistics enter them. A running mean of near-zero-mean features (|mean| ~ 1e-4
+        # after one update) carries the sum's round-off at an absolute level (measured up to 3e-8), so it is
+        # compared with an absolute floor; an extra update during the attack would move it by its own size.
+        torch.testing.assert_close(bc.float(), be.float(), rtol=1e-4, atol=1e-6, msg=name)
     # The attack ran with parameters frozen and BN statistics untouched, and the switches were restored.
     assert all(p.requires_grad for p in plain.parameters())
     assert all(m.track_running_stats for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d))
