@@ -27,7 +27,7 @@ from ..utils.io import atomic_write_json, atomic_write_text, remove_orphan_tempo
 from ..utils.lock import DirectoryLock
 from ..utils.naming import SWEEP_ENV, run_name  # noqa: F401  (run_name: re-exported; importing registers rd_run_name)
 from .adversarial import AdversarialTraining
-from .callbacks import AtomicCheckpointIO, EpochSummary, RunCheckpoint, fmt_acc, republish
+from .callbacks import AtomicCheckpointIO, EpochBar, EpochSummary, RunCheckpoint, fmt_acc, republish
 from .logging import WandbRun, wandb_logger
 from .logging import finish as finish_wandb
 
@@ -424,7 +424,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, validation: bo
         callbacks = [*callbacks, pl.callbacks.LearningRateMonitor(logging_interval="epoch")]
     if user.get("enable_progress_bar", True):
         # The bar reads the step loss (a device->host sync); refreshing it every log interval keeps GPU steps async.
-        callbacks = [*callbacks, pl.callbacks.TQDMProgressBar(refresh_rate=user.get("log_every_n_steps", 50))]
+        callbacks = [*callbacks, EpochBar(refresh_rate=user.get("log_every_n_steps", 50))]
     user.setdefault("enable_model_summary", False)
     callbacks = [*callbacks, *extra_callbacks]
     return pl.Trainer(**{**user, **controlled}, logger=logger, callbacks=callbacks, plugins=plugins)
@@ -465,6 +465,18 @@ def build_module(cfg: DictConfig, attack: AttackConfig, iterations_per_epoch: in
         select=cfg.eval.get("select", "pgd"),
         channels_last=bool(cfg.channels_last), compile=cfg.get("compile", False),
     )
+
+
+def short_run_warning(total_steps: int, ema_decay: float) -> str | None:
+    """A run too short for its own evaluation: the EMA model that is evaluated and saved averages the weights of
+    about 1 / (1 − decay) optimiser steps (200 at the reference's 0.995) and takes BatchNorm statistics from the
+    live model, so with fewer steps than that its accuracy lags the live model's by far."""
+    memory = round(1 / (1 - ema_decay)) if ema_decay < 1 else None
+    if memory is None or total_steps >= memory:
+        return None
+    return (f"this run has {total_steps} optimiser steps in all, fewer than the ~{memory} steps the EMA model "
+            f"(decay {ema_decay:g}) averages over: the evaluated EMA model will lag the live model and its "
+            f"accuracies mean little — train more steps (epochs, limit_train) for numbers worth reading")
 
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -525,6 +537,9 @@ def _train(cfg: DictConfig, run_dir: Path, attack: AttackConfig, info, dm: Robus
     resume = checkpoint.last_path if checkpoint.last_path.is_file() and not debug else None
     if resume is not None and trainer.is_global_zero:
         print(f"robustdiff: resuming {run_dir} from {resume}")
+    short = short_run_warning(cfg.epochs * dm.iterations_per_epoch, module.ema.tau)
+    if short and trainer.is_global_zero and resume is None:  # once, when the run starts
+        print(f"robustdiff: warning: {short}", flush=True)
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
     finally:
