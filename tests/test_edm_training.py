@@ -92,6 +92,17 @@ def test_short_run_lowers_loss_and_writes_run_files(tmp_path):
 
 
 @needs_data
+def test_a_run_shorter_than_its_logging_interval_says_it_will_have_no_loss_curve(tmp_path, capsys):
+    train_edm(config("edm.duration_kimg=0.08", "edm.snapshot_kimg=0.08", "trainer.log_every_n_steps=10"),
+              tmp_path / "short")  # 5 steps of 16
+    out = capsys.readouterr().out
+    assert out.count("no loss curve will be recorded") == 1 and "trainer.log_every_n_steps=1" in out
+    train_edm(config("edm.duration_kimg=0.16", "edm.snapshot_kimg=0.16", "trainer.log_every_n_steps=10"),
+              tmp_path / "long")  # 10 steps: one logged point
+    assert "no loss curve" not in capsys.readouterr().out
+
+
+@needs_data
 def test_interrupted_run_resumes_exactly(tmp_path):
     cfg = config("edm.duration_kimg=0.096", "edm.snapshot_kimg=1")  # 6 steps; snapshot only at the end
     train_edm(cfg, tmp_path / "straight")

@@ -43,6 +43,11 @@ def test_validation_loop_logs_console_and_revalidate(tmp_path, capsys):
     from robustdiff.training.run import eval_suggestion
 
     assert eval_suggestion(run, cuda=True) == f"robustdiff-eval {run}"  # a GPU: the full, standard evaluation
+    # a run far shorter than the EMA's memory says so once, at its start; a long enough one does not
+    from robustdiff.training.run import short_run_warning
+
+    assert out.count("fewer than the ~200 steps the EMA model") == 1
+    assert short_run_warning(200, 0.995) is None and "199 optimiser steps" in short_run_warning(199, 0.995)
 
     rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").open()))
     per_epoch = [r for r in rows if r.get("epoch/val_pgd_acc")]
@@ -143,3 +148,11 @@ def test_slurm_requeue_signal_saves_requeues_through_lightning_and_resumes(tmp_p
     assert proc.returncode == 0 and "resuming" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["finished"]
     assert calls.read_text().split() == ["requeue", "4242"]  # requeued once
+
+
+def test_the_progress_bar_counts_epochs_from_one_like_the_console(tmp_path, capsys):
+    overrides = [o for o in SMALL if not o.startswith("trainer.enable_progress_bar")]
+    train(compose_train(*overrides, "epochs=2", "trainer.enable_progress_bar=true"), tmp_path / "run")
+    captured = capsys.readouterr()
+    bar = captured.err + captured.out
+    assert "Epoch 1/2" in bar and "Epoch 2/2" in bar and "Epoch 0" not in bar

@@ -20,30 +20,43 @@ RUNNER = """
 import importlib, json, sys
 heavy, module, argv = set(json.loads(sys.argv[1])), sys.argv[2], sys.argv[3:]
 sys.argv = ["robustdiff", *argv]
+code = 0
 try:
     importlib.import_module(module).main()
 except SystemExit as e:
-    if e.code not in (None, 0):
-        raise
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
 print("HEAVY=" + json.dumps(sorted({m.split('.')[0] for m in sys.modules} & heavy)), file=sys.stderr)
+sys.exit(code)
 """
 CLIS = {"train": "train", "edm": "train_edm", "generate": "generate", "eval": "evaluate", "store": "store",
         "fid": "fid", "report": "report", "study": "study", "demo": "demo"}
 
 
-def run_cli(module: str, *argv: str, env: dict | None = None) -> tuple[str, list[str]]:
-    """(stdout, heavy packages imported) of ``robustdiff.cli.<module>`` run with ``argv``."""
-    proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(sorted(HEAVY)), f"robustdiff.cli.{module}", *argv], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **(env or {})})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+def run_cli(module: str, *argv: str, env: dict | None = None, rc: int = 0,
+            cwd: Path | None = None) -> tuple[str, list[str]]:
+    """(stdout, heavy packages imported) of ``robustdiff.cli.<module>`` run with ``argv``; for ``rc`` != 0,
+    (stderr, heavy) of a run that must exit with that status."""
+    proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(sorted(HEAVY)), f"robustdiff.cli.{module}", *argv],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}, cwd=cwd)
+    assert proc.returncode == rc, proc.stdout[-2000:] + proc.stderr[-3000:]
     heavy = [ln for ln in proc.stderr.splitlines() if ln.startswith("HEAVY=")]
-    return proc.stdout, json.loads(heavy[-1][len("HEAVY="):])
+    return (proc.stdout if rc == 0 else proc.stderr), json.loads(heavy[-1][len("HEAVY="):])
 
 
 @pytest.mark.parametrize("cli", sorted(CLIS))
 def test_help_imports_no_torch_lightning_or_wandb(cli):
     out, heavy = run_cli(CLIS[cli], "--help")
     assert heavy == [] and out.strip()
+
+
+@pytest.mark.parametrize("override, says", [("norm.eps=8", "norm.eps"), ("epochs=0", "epochs=0"),
+                                             ("+epoch=3", "did you mean epochs")])
+def test_a_bad_train_value_is_refused_before_torch_is_imported(tmp_path, override, says):
+    """Range, choice and key checks need no torch: a typo is answered in a second, not after a 20-second import."""
+    err, heavy = run_cli("train", override, f"run_root={tmp_path}", "name=bad", rc=2)
+    assert says in err and "robustdiff-train: error:" in err
+    assert heavy == []
+    assert not (tmp_path / "bad").exists()  # and no run directory is left behind
 
 
 def test_help_lists_each_clis_own_groups_including_experiment():

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from robustdiff.evaluation.report import (
+    curve_styles,
     edm_losses,
     load_run,
     plot_training_curves,
@@ -85,6 +86,27 @@ def test_edm_runs_get_their_own_section_not_trades_rows(sweep, tmp_path):
     assert "![EDM training loss](figures/_edm-loss.png)" in edm
     assert Image.open(out / "figures" / "_edm-loss.png").size[0] > 600
     assert "## Training curves" in md and "edm-small" not in md[:md.index("## EDM runs")]
+
+
+def test_a_standard_classifier_is_reported_as_what_it_is(sweep, tmp_path):
+    """loss=ce runs (measuring classifiers) are not counted as adversarial runs, their epoch was picked by clean
+    accuracy, and their figure draws no "adversarial (train)" curve."""
+    clf = sweep / "classifier"
+    clf.mkdir()
+    trades_run(clf, 1.0, [0.5, 0.6, 0.7])
+    config = json.loads((clf / "run.json").read_text())
+    atomic_write_json(clf / "run.json", {**config, "loss": "ce", "eval": {"steps": 1, "select": "clean"}})
+    history = json.loads((clf / "history.json").read_text())
+    atomic_write_json(clf / "history.json", [{**r, "val_clean_acc": r["val_pgd_acc"] + 0.2, "train_acc_adv": 0.9}
+                                             for r in history])
+    rows = write_report(sweep, tmp_path / "report")
+    kinds = {r["run"]: r["training"] for r in rows}
+    assert kinds == {"classifier": "standard, by clean", "ratio:0.5": "TRADES", "ratio:0.8": "TRADES"}
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "2 adversarial training run(s) and 1 standard training run(s)" in md and "TRADES run(s)" not in md
+    standard, trades = load_run(clf), load_run(sweep / "ratio:0.5")
+    assert [s[0] for s in curve_styles(standard)] == ["test_clean_acc", "val_pgd_acc", "test_pgd_acc", "val_clean_acc"]
+    assert "train_acc_adv" in [s[0] for s in curve_styles(trades)]
 
 
 def test_edm_losses_follow_kimg_across_resumed_versions(sweep):

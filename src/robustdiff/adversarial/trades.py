@@ -15,25 +15,7 @@ from torch import nn
 
 from ..data.augment import draw
 from .attacks import _l2_norm, frozen_bn_stats, input_grad_only, pgd_attack, project
-
-
-@dataclass(frozen=True)
-class AttackConfig:
-    norm: str = "linf"  # linf | l2
-    eps: float = 8 / 255
-    step: float = 2 / 255  # ignored for l2 TRADES, as in the reference (step = 2ε/K)
-    steps: int = 10
-
-    def __post_init__(self) -> None:
-        if self.norm not in ("linf", "l2"):
-            raise ValueError(f"norm.name must be 'linf' or 'l2', got {self.norm!r}")
-        if not (0 < self.eps <= 1 if self.norm == "linf" else 0 < self.eps <= 64):
-            hint = f" — did you mean {self.eps:g}/255 = {self.eps / 255:.5f}?" if self.eps > 1 else ""
-            raise ValueError(f"norm.eps={self.eps} is out of range for {self.norm}: images are in [0, 1]{hint}")
-        if not self.step > 0:
-            raise ValueError(f"norm.step must be > 0, got {self.step}")
-        if not (isinstance(self.steps, int) and self.steps >= 1):
-            raise ValueError(f"norm.steps must be an integer >= 1, got {self.steps}")
+from .config import AttackConfig  # noqa: F401  (torch-free, re-exported)
 
 
 def kl_batchmean(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:

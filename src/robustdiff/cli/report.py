@@ -65,7 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if wandb_run is not None:
             wandb_run.finish()
     out = args.out or args.path
-    log.info("%d TRADES run(s); wrote %s, %s and figures/", len(rows), out / "report.md", out / "report.csv")
+    standard = sum(str(r.get("training", "")).startswith("standard") for r in rows)
+    kinds = f"{len(rows) - standard} adversarial" + (f" and {standard} standard (loss=ce)" if standard else "")
+    log.info("%s training run(s); wrote %s, %s and figures/", kinds, out / "report.md", out / "report.csv")
     return 0
 
 

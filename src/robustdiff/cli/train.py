@@ -23,26 +23,36 @@ from .hydra_conf import (  # noqa: F401  (CONF_DIR: for callers that compose con
 from .sweep import own_job_argv
 
 
+def _refuse(error: Exception, run_dir: Path) -> None:
+    print(f"robustdiff-train: error: {error}", file=sys.stderr)
+    if not remove_unused_run_dir(run_dir):  # a rejected config leaves no run directory behind
+        discard_hydra_files(run_dir)  # and an existing run's recorded configuration as it was
+    sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     task_started()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    from ..training.config import ConfigError, validate  # no torch: a bad value is answered at once
+
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        _refuse(e, run_dir)
     # Imported here, not at the top: --help, --cfg, --info and completion need none of torch/Lightning.
     from ..data.datasets import DatasetError
     from ..data.store import StoreError
     from ..training.callbacks import CheckpointFileError
-    from ..training.run import ConfigError, train
+    from ..training.run import train
     from ..utils.lock import DirectoryLockedError
     from .sweep import ddp_job, wait_for_requeue
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         with ddp_job():  # under -m: DDP ranks run this job only
             summary = train(cfg, run_dir)
     except (ConfigError, DirectoryLockedError, StoreError, DatasetError, CheckpointFileError) as e:
-        print(f"robustdiff-train: error: {e}", file=sys.stderr)
-        if not remove_unused_run_dir(run_dir):  # a rejected config leaves no run directory behind
-            discard_hydra_files(run_dir)  # and an existing run's recorded configuration as it was
-        sys.exit(2)
+        _refuse(e, run_dir)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise

@@ -35,6 +35,7 @@ OVERFIT_GAP = 3.0
 # (key, header) of the comparison table, in order.
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("run", "run"),
+    ("training", "training"),
     ("dataset", "dataset"),
     ("norm", "norm"),
     ("eps", "ε"),
@@ -73,6 +74,16 @@ class Run:
     @property
     def name(self) -> str:
         return str(self.config.get("name") or self.path.name)
+
+    @property
+    def is_standard(self) -> bool:
+        """Standard training (``loss=ce``, no attack): a measuring classifier, not an adversarial run."""
+        return self.config.get("loss") == "ce"
+
+    @property
+    def selected_by(self) -> str:
+        """What picked the best epoch: validation PGD (the reference) or clean accuracy (``eval.select=clean``)."""
+        return "clean accuracy" if (self.config.get("eval") or {}).get("select") == "clean" else "validation PGD"
 
     @property
     def is_edm(self) -> bool:
@@ -158,8 +169,9 @@ def _title(run: Run) -> str:
     c = run.config
     norm = c.get("norm") or {}
     eps = f" ε={format_eps(norm['eps'])}" if norm.get("eps") else ""
+    kind = ", standard training (loss=ce, no attack), best epoch by clean accuracy" if run.is_standard else ""
     return (f"{run.name}: {c.get('dataset', '?')} {norm.get('name', '?')}{eps}, ratio {c.get('ratio', '?')}, "
-            f"{format_count(c.get('n_generated'))} generated")
+            f"{format_count(c.get('n_generated'))} generated{kind}")
 
 
 def wrap(title: str, fig_width_in: float, fontsize: float = 9) -> str:
@@ -186,17 +198,25 @@ def _save(fig, out_png: str | os.PathLike) -> Path:
     return out_png
 
 
+def curve_styles(run: Run) -> list[tuple[str, str, str, str, str | None]]:
+    """(history field, legend label, colour, line style, marker) of each curve of a run's figure."""
+    pgd = f"PGD-{pgd_steps(run)}" if pgd_steps(run) else "PGD"
+    styles = [("test_clean_acc", "clean (test)", "tab:blue", "-", None),
+              ("val_pgd_acc", f"{pgd} (validation)", "tab:red", "-", None),
+              ("test_pgd_acc", f"{pgd} (test)", "tab:red", "none", "o")]
+    if run.selected_by == "clean accuracy":
+        styles.append(("val_clean_acc", "clean (validation, selects the epoch)", "tab:green", "-", None))
+    if not run.is_standard:  # a standard run trains on clean images: it has no adversarial training accuracy
+        styles.append(("train_acc_adv", "adversarial (train)", "tab:gray", ":", None))
+    return styles
+
+
 def plot_training_curves(run: Run, out_png: str | os.PathLike) -> Path:
     """Clean test accuracy, validation and test PGD accuracy per epoch, best epoch marked. Writes a PNG."""
     from matplotlib.ticker import MaxNLocator
 
     fig, (ax,) = _figure(7.5, 4.2)
-    pgd = f"PGD-{pgd_steps(run)}" if pgd_steps(run) else "PGD"
-    styles = (("test_clean_acc", "clean (test)", "tab:blue", "-", None),
-              ("val_pgd_acc", f"{pgd} (validation)", "tab:red", "-", None),
-              ("test_pgd_acc", f"{pgd} (test)", "tab:red", "none", "o"),
-              ("train_acc_adv", "adversarial (train)", "tab:gray", ":", None))
-    for key, label, color, line, marker in styles:
+    for key, label, color, line, marker in curve_styles(run):
         xs, ys = _series(run.history, key)
         if xs:
             ax.plot(xs, ys, label=label, color=color, linestyle=line, marker=marker, markersize=4)
@@ -204,8 +224,9 @@ def plot_training_curves(run: Run, out_png: str | os.PathLike) -> Path:
     if best is None:
         best = next((r["epoch"] for r in reversed(run.history) if r.get("is_best")), None)
     if best is not None:
-        ax.axvline(best, color="tab:green", linestyle="--", linewidth=1, label=f"best epoch ({best})")
-        xs, ys = _series(run.history, "val_pgd_acc")
+        by = " by clean accuracy" if run.selected_by == "clean accuracy" else ""
+        ax.axvline(best, color="tab:green", linestyle="--", linewidth=1, label=f"best epoch ({best}){by}")
+        xs, ys = _series(run.history, "val_clean_acc" if by else "val_pgd_acc")
         if best in xs:
             ax.plot([best], [ys[xs.index(best)]], marker="*", color="tab:green", markersize=12, linestyle="none")
     s = run.summary or {}
@@ -443,6 +464,7 @@ def run_row(run: Run, root: Path | None = None) -> dict[str, Any]:
         gen_fd = f"{quality['value']:.2f} ({'FID' if quality.get('metric') == 'fid' else 'clf'})"
     return {
         "run": run.name,
+        "training": training_kind(run),
         "path": _relpath(run.path, root),
         "dataset": c.get("dataset"),
         "norm": norm.get("name"),
@@ -475,6 +497,14 @@ def run_row(run: Run, root: Path | None = None) -> dict[str, Any]:
     }
 
 
+def training_kind(run: Run) -> str:
+    """How the run was trained, as the table says it: TRADES (the paper), PGD-AT, or standard (no attack)."""
+    loss = run.config.get("loss") or "trades"
+    kind = {"trades": "TRADES", "pgd_at": "PGD-AT", "pgd_at_train": "PGD-AT (train mode)", "ce": "standard"}
+    name = kind.get(loss, loss)
+    return f"{name}, by clean" if run.selected_by == "clean accuracy" else name
+
+
 def table_rows(runs: Sequence[Run], root: Path | None = None) -> list[dict[str, Any]]:
     """Rows for all runs, sorted by dataset, norm, ratio, epochs, generated count, name."""
     rows = [run_row(r, root) for r in runs]
@@ -501,7 +531,12 @@ def render_markdown(rows: Sequence[dict[str, Any]], figures: dict[str, str], tit
     paths are relative to the report; ``edm_rows[i]["grid"]`` too."""
     lines = [f"# {title}", ""]
     if rows:
-        lines += [f"{len(rows)} TRADES run(s). Accuracies in %. *best* = the checkpoint with the best validation PGD "
+        standard = sum(r.get("training", "").startswith("standard") for r in rows)
+        counted = f"{len(rows) - standard} adversarial training run(s)" + (
+            f" and {standard} standard training run(s) (loss=ce, no attack: measuring classifiers, not robust "
+            "models)" if standard else "")
+        lines += [f"{counted}. Accuracies in %. *best* = the checkpoint with the best validation PGD, or the best "
+                  "validation clean accuracy where *training* says *by clean* "
                   "(model.pt; *PGD steps* = the attack's steps during training), *last* = the final epoch; eval and "
                   "AutoAttack columns come from eval.json (best checkpoint; see *eval points* for how many test "
                   "images). *generated FD*: the generated data's FID, or (clf) its classifier FD, with the "

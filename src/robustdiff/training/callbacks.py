@@ -15,6 +15,7 @@ import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks.progress.tqdm_progress import convert_inf
 from pytorch_lightning.trainer.states import TrainerFn
 
 from ..utils.io import (
@@ -365,6 +366,21 @@ def requeue_signal(trainer: pl.Trainer) -> int | None:
     return None
 
 
+class EpochBar(pl.callbacks.TQDMProgressBar):
+    """Lightning's progress bar with the epoch counted as everywhere else in robustdiff: from 1, of the total
+    (``Epoch 2/2``, as the console line and history.json say), not Lightning's 0-based ``Epoch 1``."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        # Lightning's own steps, with our label set before the bar is first drawn (never a 0-based "Epoch 0").
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        bar = self.train_progress_bar
+        of = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        bar.set_description_str(f"Epoch {trainer.current_epoch + 1}{of}", refresh=False)
+        bar.reset(total=convert_inf(self.total_train_batches))
+        bar.initial = 0
+
+
 class EpochSummary(pl.Callback):
     """One console line per epoch (rank 0): clean and PGD accuracies, best so far, times and throughput."""
 
@@ -376,7 +392,8 @@ class EpochSummary(pl.Callback):
         test_pgd = f", test PGD {fmt_acc(row['test_pgd_acc'])}" if row.get("test_pgd_acc") is not None else ""
         line = (f"epoch {row['epoch']}/{pl_module.epochs}: test clean {fmt_acc(row['test_clean_acc'])}, "
                 f"val PGD {fmt_acc(row['val_pgd_acc'])}{test_pgd}{' (new best)' if row.get('is_best') else ''}; "
-                f"best {fmt_acc(pl_module.best_score)} at epoch {pl_module.best_epoch}; "
+                f"best {'val clean ' if getattr(pl_module, 'select', 'pgd') == 'clean' else ''}"
+                f"{fmt_acc(pl_module.best_score)} at epoch {pl_module.best_epoch}; "
                 f"train {pl_module._train_time:.1f}s ({pl_module.images_per_s:,.0f} img/s), "
                 f"eval {pl_module._eval_time:.1f}s")
         bar = trainer.progress_bar_callback

@@ -478,6 +478,11 @@ def _train_edm(cfg: DictConfig, run_dir: Path, desc: dict[str, Any]) -> dict[str
     resume = snapshot.last_path if snapshot.last_path.is_file() else None
     if resume is not None and trainer.is_global_zero:
         print(f"robustdiff-edm: resuming {run_dir} from {resume}")
+    every = trainer.log_every_n_steps
+    if resume is None and trainer.is_global_zero and desc["max_steps"] < every:  # said once, when the run starts
+        print(f"robustdiff-edm: warning: this run has {desc['max_steps']} optimiser steps and the loss is logged "
+              f"every {every} (trainer.log_every_n_steps): no loss curve will be recorded — set "
+              f"trainer.log_every_n_steps={max(1, desc['max_steps'] // 10)} for one", flush=True)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # the EMA copy, on purpose

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 # Accepted values of the `compile` settings: off, on (torch.compile's default mode), or a torch.compile mode.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-COMPILE_CHOICES = (False, True, *COMPILE_MODES)
+from .choices import COMPILE_CHOICES, COMPILE_MODES  # noqa: F401  (defined torch-free, used here)
 
 
 def fast_bf16(device: torch.device | str) -> bool:
