@@ -132,3 +132,30 @@ def test_a_listed_study_with_a_bad_reference_is_refused_before_any_work(edit, me
     assert study_main([str(bad), "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "classifier").exists()
+
+
+def test_a_shared_stage_held_by_the_other_study_command_is_waited_for_not_a_crash(tmp_path, capsys):
+    """Two commands of one study (disjoint --arms, one --out) both pass the classifier, selector, EDM and store
+    stages: the one that finds a stage locked by the other waits and then finds it done."""
+    from robustdiff.cli.study_arms import shared_stage
+    from robustdiff.utils.lock import DirectoryLock, DirectoryLockedError
+
+    stage = tmp_path / "classifier"
+    other = DirectoryLock(stage, what="robustdiff-train").acquire()  # the other command, mid-stage
+    waits = []
+
+    def finished_by_the_other(seconds):  # the other command finishes while this one waits
+        waits.append(seconds)
+        (stage / "summary.json").write_text('{"finished": true}')
+        other.release()
+
+    def train_stage():
+        with DirectoryLock(stage, what="robustdiff-train"):
+            return json.loads((stage / "summary.json").read_text())
+
+    with pytest.raises(DirectoryLockedError):  # without the wait, a plain call is refused
+        train_stage()
+    assert shared_stage(train_stage, wait=finished_by_the_other) == {"finished": True}
+    assert len(waits) == 1
+    out = capsys.readouterr().out
+    assert f"robustdiff-study: waiting: {stage}: in use by process" in out and "Traceback" not in out

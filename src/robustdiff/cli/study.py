@@ -401,10 +401,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from ..evaluation.generative import QualityError
+    from ..utils.lock import DirectoryLockedError
 
     try:
         run_study(args)
-    except (StudyError, QualityError) as e:
+    except (StudyError, QualityError, DirectoryLockedError) as e:
         print(f"robustdiff-study: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -15,7 +15,8 @@ Stages, each in its own directory under ``--out`` and skipped when already done 
   report       <out>/report.md, results.json and figures
 
 ``--arms a,b`` trains and evaluates only those arms (two commands with disjoint lists share a 2-core machine);
-the report is written when every arm is done (or with ``--report-only``).
+the stages before the arms are shared: a command that finds one in use by the other waits for it, then finds it
+done. The report is written when every arm is done (or with ``--report-only``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,26 @@ from .study import (
     train_classifier,
     train_generator,
 )
+
+SHARED_POLL_S = 30.0  # how often a command waiting on a shared stage tries again
+
+
+def shared_stage(call, *args, wait=time.sleep, **kwargs):
+    """Run a stage both commands of a split study (disjoint ``--arms`` lists, one ``--out``) pass through; while
+    the other command holds it, wait and try again: the stage is then found done, not redone."""
+    from ..utils.lock import DirectoryLockedError
+
+    announced = False
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except DirectoryLockedError as e:
+            if not announced:
+                print(f"robustdiff-study: waiting: {str(e).split(' — ')[0]} (a stage this command shares with "
+                      f"the other one on this --out); trying again every {SHARED_POLL_S:g} s", flush=True)
+                announced = True
+            wait(SHARED_POLL_S)
+
 
 STORE_KEYS = {"generator", "n", "keep_fraction", "candidates"}
 ARM_KEYS = {"store", "ratio", "seed"}
@@ -198,16 +219,16 @@ def run_listed_study(spec: DictConfig, out: Path, data_dir: str, only: list[str]
         if unknown:
             raise StudyError(f"--arms: {', '.join(unknown)} not in the study's arms ({', '.join(spec.arms)})")
     t0 = time.monotonic()
-    classifier = train_classifier(spec, out, data_dir)
+    classifier = shared_stage(train_classifier, spec, out, data_dir)
     reference_statistics(spec, out, classifier, data_dir)
     needs_selector = any(float(s.get("keep_fraction", 1)) < 1 for s in spec.stores.values())
-    selector = train_selector(spec, out, data_dir) if needs_selector else None
+    selector = shared_stage(train_selector, spec, out, data_dir) if needs_selector else None
     timed("classifier", t0)
     if only and all(spec.arms[a].get("store") is None for a in only):  # real data only: no generator needed
         _run_arms(spec, out, data_dir, only, timed)
         return None, _all_evaluated(spec, out)
     t0 = time.monotonic()
-    train_generator(spec, out, data_dir, _compose("train", list(spec.train.overrides)).limit_train)
+    shared_stage(train_generator, spec, out, data_dir, _compose("train", list(spec.train.overrides)).limit_train)
     timed("edm", t0)
     quality: dict[str, dict] = {}
     best = None
@@ -219,7 +240,7 @@ def run_listed_study(spec: DictConfig, out: Path, data_dir: str, only: list[str]
             if (s.generator == "best") != (phase == "best"):
                 continue
             t0 = time.monotonic()
-            generate_store(spec, out, name, best, selector)
+            shared_stage(generate_store, spec, out, name, best, selector)
             timed("generate", t0)
             t0 = time.monotonic()
             quality[name] = measure_store(spec, out, name, best, classifier)
