@@ -9,7 +9,7 @@ from robustdiff.cli.demo import build_parser, run_demo
 
 TINY_DEMO = ["--edm-kimg", "0.192", "--edm-limit-train", "512", "--n-generated", "40", "--sampler-steps", "2",
              "--model", "wrn-10-1", "--epochs", "1", "--batch-size", "32", "--limit-train", "320", "--val-size", "64",
-             "--limit-test", "64", "--ratio", "0.5", "--aa-n", "8", "--aa-attacks", "apgd-ce",
+             "--limit-test", "64", "--ratio", "0.5", "--n-examples", "8", "--aa-attacks", "apgd-ce",
              "--train-override", "norm.steps=2", "--train-override", "eval.steps=3",
              "--train-override", "logger=none", "--classifier-limit-train", "640", "--classifier-epochs", "1",
              "--fd-reference", "200"]
@@ -64,3 +64,12 @@ def test_demo_verdict_says_its_short_run_cannot_show_the_effect_whichever_way_it
     text = quality_section(quality, rows)["text"]
     assert ("higher" if gen_aa > 50 else "lower") in text
     assert "cannot show the paper's effect" in text and "experiments/README.md" in text
+
+
+def test_the_demo_counts_attacked_images_with_robustdiff_evals_flag():
+    """One name for "the first N test images" across the flag commands: --n-examples (the older --aa-n stays)."""
+    from robustdiff.cli.demo import build_parser
+
+    assert build_parser().parse_args(["--n-examples", "40"]).aa_n == 40
+    assert build_parser().parse_args(["--aa-n", "40"]).aa_n == 40
+    assert "--n-examples" in build_parser().format_help()

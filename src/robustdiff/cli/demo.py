@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
                    help="more robustdiff-train overrides for both runs (repeatable), e.g. norm.steps=3")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--aa-n", type=int, default=100, help="AutoAttack on the first N test images")
+    e.add_argument("--n-examples", "--aa-n", dest="aa_n", type=int, default=100,
+                   help="AutoAttack on the first N test images, as robustdiff-eval --n-examples (--aa-n: the "
+                        "same, an older spelling)")
     # The standard four (apgd-ce,apgd-t,fab-t,square) take far longer than training here on a 2-core CPU.
     e.add_argument("--aa-attacks", default="apgd-ce",
                    help="AutoAttack's attacks (default apgd-ce; 'standard' = all four, the paper's evaluation)")
