@@ -1,4 +1,4 @@
-"""EDM fidelity to NVIDIA's code (issue #11): the U-Net block in train mode and under autocast, and the
+"""EDM fidelity to NVIDIA's code: the U-Net block in train mode and under autocast, and the
 sampler's churn-noise streams. The reference implementations here are written from NVIDIA's algorithm
 (NVlabs/edm ``training/networks.py: UNetBlock/AttentionOp``, ``generate.py``), not copied from it."""
 

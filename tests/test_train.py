@@ -78,14 +78,8 @@ def test_short_run_on_fashion_mnist_learns(tmp_path):
 def test_every_config_group_composes():
     from robustdiff.data.datasets import get_info
     from robustdiff.models.wrn import WideResNet
-    from robustdiff.training.run import (
-        CONTROLLED,
-        attack_config,
-        build_logger,
-        trainer_arguments,
-        user_callbacks,
-        validate,
-    )
+    from robustdiff.training.config import attack_config, validate
+    from robustdiff.training.run import CONTROLLED, build_logger, trainer_arguments, user_callbacks
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     for group in ("dataset", "norm", "model", "trainer", "logger", "callbacks"):

@@ -55,7 +55,7 @@ def shared_stage(call, *args, wait=time.sleep, **kwargs):
             return call(*args, **kwargs)
         except DirectoryLockedError as e:
             if not announced:
-                print(f"robustdiff-study: waiting: {str(e).split(' — ')[0]} (a stage this command shares with "
+                print(f"robustdiff-study: waiting: {e.directory}: in use by {e.holder} (a stage this command shares with "
                       f"the other one on this --out); trying again every {SHARED_POLL_S:g} s", flush=True)
                 announced = True
             wait(SHARED_POLL_S)

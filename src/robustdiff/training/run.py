@@ -27,7 +27,7 @@ from ..utils.lock import DirectoryLock
 from ..utils.naming import SWEEP_ENV, run_name  # noqa: F401  (run_name: re-exported; importing registers rd_run_name)
 from .adversarial import AdversarialTraining
 from .callbacks import AtomicCheckpointIO, EpochBar, EpochSummary, RunCheckpoint, fmt_acc, republish
-from .config import DEFAULT_RATIO, ConfigError, attack_config, check_keys, parse_number, validate  # noqa: F401
+from .config import ConfigError, validate
 from .logging import WandbRun, wandb_logger
 from .logging import finish as finish_wandb
 

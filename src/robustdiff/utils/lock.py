@@ -24,7 +24,11 @@ LOCK_NAME = ".robustdiff.lock"
 
 
 class DirectoryLockedError(RuntimeError):
-    """Another process holds the directory's lock; the message names it."""
+    """Another process holds the directory's lock; the message names it (``directory`` and ``holder`` too)."""
+
+    def __init__(self, message: str, directory: Path | None = None, holder: str | None = None):
+        super().__init__(message)
+        self.directory, self.holder = directory, holder
 
 
 class DirectoryLock:
@@ -54,7 +58,7 @@ class DirectoryLock:
             raise DirectoryLockedError(
                 f"{self.directory}: in use by {who} — {self.path} is locked. Two processes must never write one "
                 f"directory: wait for that one to finish (or stop it), or choose another name/out for this "
-                f"{self.what}.") from None
+                f"{self.what}.", self.directory, who) from None
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
