@@ -28,7 +28,7 @@ from robustdiff.evaluation.export import (
     load_wideresnet,
     model_card,
 )
-from robustdiff.evaluation.report import find_runs, load_run, write_report
+from robustdiff.evaluation.report import write_report
 from robustdiff.evaluation.robustness import (
     EpsilonError,
     StateMismatchError,
@@ -41,6 +41,7 @@ from robustdiff.evaluation.robustness import (
     parse_eps,
     render_eval_markdown,
 )
+from robustdiff.evaluation.runs import find_runs, load_run
 from robustdiff.models.wrn import BN_MOMENTUM, build_wrn, set_bn_momentum
 from robustdiff.utils.io import atomic_write_json, atomic_write_text
 

@@ -12,15 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from robustdiff.evaluation.report import (
-    curve_styles,
-    edm_losses,
-    load_run,
-    plot_training_curves,
-    swept_settings,
-    wrap,
-    write_report,
-)
+from robustdiff.evaluation.plots import curve_styles, plot_training_curves, wrap
+from robustdiff.evaluation.report import write_report
+from robustdiff.evaluation.runs import edm_losses, load_run, swept_settings
 from robustdiff.utils.images import image_grid, labelled_grid
 from robustdiff.utils.io import atomic_write_json
 

@@ -1,13 +1,9 @@
-"""Reports over training runs: training curves (the robust-overfitting view) and a comparison table.
+"""Reports over training runs: a comparison table (report.md, report.csv) with the figures beside it.
 
-A run directory is any directory holding ``run.json`` (written by robustdiff-train, with
-``history.json``/``history.csv``, ``summary.json`` and, after robustdiff-eval, ``eval.json``; or by
-robustdiff-edm, with ``samples/grid-<kimg>.png`` and, with ``logger=csv``, the training loss in
-``csv/version_<k>/metrics.csv``). A sweep is any directory with run directories somewhere below it.
-
-The report has the TRADES table, a sweep figure (validation and test PGD per epoch, one line per run,
-labelled by the settings that differ between the runs), each run's training curves, and a section for
-EDM runs (their latest sample grid and training loss).
+``write_report`` (what ``robustdiff-report`` runs) reports on one run directory or a sweep (any directory
+with run directories below it). The report has the TRADES table, a sweep figure (validation and test PGD per
+epoch, one line per run, labelled by the settings that differ between the runs), each run's training curves,
+and a section for EDM runs (their latest sample grid and training loss).
 
 Accuracies are fractions in the run files; tables and plots show percentages.
 """
@@ -17,17 +13,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import re
-import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..utils.io import atomic_path, atomic_write_text
+from ..utils.io import atomic_write_text
+from .plots import plot_edm_losses, plot_sweep, plot_training_curves
 from .robustness import format_count, format_eps, paper_result
+from .runs import Run, edm_losses, find_runs, load_run, pgd_steps, sample_grids
 
 # The gap (test PGD, best minus last, in points) beyond which a run is flagged as robustly overfitting.
 OVERFIT_GAP = 3.0
@@ -63,322 +58,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
-@dataclass
-class Run:
-    path: Path
-    config: dict[str, Any]  # run.json
-    history: list[dict[str, Any]]  # one row per epoch, missing values None
-    summary: dict[str, Any] | None
-    evaluation: dict[str, Any] | None  # eval.json
-
-    @property
-    def name(self) -> str:
-        return str(self.config.get("name") or self.path.name)
-
-    @property
-    def is_standard(self) -> bool:
-        """Standard training (``loss=ce``, no attack): a measuring classifier, not an adversarial run."""
-        return self.config.get("loss") == "ce"
-
-    @property
-    def selected_by(self) -> str:
-        """What picked the best epoch: validation PGD (the reference) or clean accuracy (``eval.select=clean``)."""
-        return "clean accuracy" if (self.config.get("eval") or {}).get("select") == "clean" else "validation PGD"
-
-    @property
-    def is_edm(self) -> bool:
-        """An EDM (generator) run of robustdiff-edm rather than a TRADES run."""
-        return is_edm_config(self.config)
-
-
-def is_edm_config(config: dict[str, Any]) -> bool:
-    """run.json of robustdiff-edm: it describes a network (preset and constructor kwargs), not a threat model."""
-    return "kwargs" in config and "network" in config and "norm" not in config
-
-
-def find_runs(path: str | os.PathLike) -> list[Path]:
-    """Run directories at or below ``path`` (those holding run.json), sorted."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory")
-    if (path / "run.json").is_file():
-        return [path]
-    runs = sorted(p.parent for p in path.rglob("run.json") if p.is_file())
-    if not runs:
-        raise FileNotFoundError(f"no run directories (with run.json) at or below {path}")
-    return runs
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def _cell(value: str) -> Any:
-    value = value.strip()
-    if value == "" or value.lower() in ("none", "nan", "null"):
-        return None
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    return int(number) if number.is_integer() and re.fullmatch(r"-?\d+", value) else number
-
-
-def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """history.json (a list of rows, or {'rows': [...]}) or else history.csv; NaN and empty cells become None."""
-    run_dir = Path(run_dir)
-    if (run_dir / "history.json").is_file():
-        rows = _read_json(run_dir / "history.json")
-        rows = rows.get("rows", []) if isinstance(rows, dict) else rows
-    elif (run_dir / "history.csv").is_file():
-        with open(run_dir / "history.csv", newline="") as f:
-            rows = [{k: _cell(v or "") for k, v in row.items()} for row in csv.DictReader(f)]
-    else:
-        return []
-    clean = []
-    for row in rows:
-        clean.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    return sorted(clean, key=lambda r: r.get("epoch") or 0)
-
-
-def load_run(run_dir: str | os.PathLike) -> Run:
-    run_dir = Path(run_dir)
-    config = _read_json(run_dir / "run.json")
-    summary = _read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else None
-    evaluation = _read_json(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else None
-    return Run(run_dir, config, read_history(run_dir), summary, evaluation)
-
-
-# --- plots -------------------------------------------------------------------------------------------
-
-def _series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
-    for row in history:
-        if row.get(key) is not None and row.get("epoch") is not None:
-            xs.append(row["epoch"])
-            ys.append(100 * float(row[key]))
-    return xs, ys
-
-
-def _title(run: Run) -> str:
-    c = run.config
-    norm = c.get("norm") or {}
-    eps = f" ε={format_eps(norm['eps'])}" if norm.get("eps") else ""
-    kind = ", standard training (loss=ce, no attack), best epoch by clean accuracy" if run.is_standard else ""
-    return (f"{run.name}: {c.get('dataset', '?')} {norm.get('name', '?')}{eps}, ratio {c.get('ratio', '?')}, "
-            f"{format_count(c.get('n_generated'))} generated{kind}")
-
-
-def wrap(title: str, fig_width_in: float, fontsize: float = 9) -> str:
-    """``title`` broken into lines that fit a figure ``fig_width_in`` inches wide (≈ 0.55·fontsize pt a
-    character), so that long titles are never clipped."""
-    chars = max(20, int(fig_width_in * 72 / (0.55 * fontsize)) - 4)
-    return "\n".join(textwrap.wrap(title, chars, break_long_words=True, break_on_hyphens=False)) or title
-
-
-def _figure(width: float, height: float, ncols: int = 1):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=120)
-    FigureCanvasAgg(fig)
-    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
-
-
-def _save(fig, out_png: str | os.PathLike) -> Path:
-    fig.tight_layout()
-    out_png = Path(out_png)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png")
-    return out_png
-
-
-def curve_styles(run: Run) -> list[tuple[str, str, str, str, str | None]]:
-    """(history field, legend label, colour, line style, marker) of each curve of a run's figure."""
-    pgd = f"PGD-{pgd_steps(run)}" if pgd_steps(run) else "PGD"
-    styles = [("test_clean_acc", "clean (test)", "tab:blue", "-", None),
-              ("val_pgd_acc", f"{pgd} (validation)", "tab:red", "-", None),
-              ("test_pgd_acc", f"{pgd} (test)", "tab:red", "none", "o")]
-    if run.selected_by == "clean accuracy":
-        styles.append(("val_clean_acc", "clean (validation, selects the epoch)", "tab:green", "-", None))
-    if not run.is_standard:  # a standard run trains on clean images: it has no adversarial training accuracy
-        styles.append(("train_acc_adv", "adversarial (train)", "tab:gray", ":", None))
-    return styles
-
-
-def plot_training_curves(run: Run, out_png: str | os.PathLike) -> Path:
-    """Clean test accuracy, validation and test PGD accuracy per epoch, best epoch marked. Writes a PNG."""
-    from matplotlib.ticker import MaxNLocator
-
-    fig, (ax,) = _figure(7.5, 4.2)
-    for key, label, color, line, marker in curve_styles(run):
-        xs, ys = _series(run.history, key)
-        if xs:
-            ax.plot(xs, ys, label=label, color=color, linestyle=line, marker=marker, markersize=4)
-    best = (run.summary or {}).get("best_epoch")
-    if best is None:
-        best = next((r["epoch"] for r in reversed(run.history) if r.get("is_best")), None)
-    if best is not None:
-        by = " by clean accuracy" if run.selected_by == "clean accuracy" else ""
-        ax.axvline(best, color="tab:green", linestyle="--", linewidth=1, label=f"best epoch ({best}){by}")
-        xs, ys = _series(run.history, "val_clean_acc" if by else "val_pgd_acc")
-        if best in xs:
-            ax.plot([best], [ys[xs.index(best)]], marker="*", color="tab:green", markersize=12, linestyle="none")
-    s = run.summary or {}
-    if s.get("test_pgd_acc_best") is not None and s.get("test_pgd_acc_last") is not None:
-        gap = 100 * (s["test_pgd_acc_best"] - s["test_pgd_acc_last"])
-        ax.text(0.99, 0.02, f"test PGD best − last: {gap:+.2f} points", transform=ax.transAxes,
-                ha="right", va="bottom", fontsize=8)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(wrap(_title(run), 7.5), fontsize=9)
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8, loc="best")
-    return _save(fig, out_png)
-
-
-# --- sweeps ------------------------------------------------------------------------------------------
-
-# run.json fields that tell runs apart when they predate run.json's "identity" (flat config without the keys
-# that may change on resume).
-_LEGACY_IDENTITY = ("dataset", "model", "norm", "loss", "generated", "ratio", "generated_sampling", "epochs",
-                    "batch_size", "lr", "beta", "seed", "limit_train", "val_size")
-_NOISE = ("name", "data_dir", "generated_quality")  # never the point of a sweep
-
-
-def _flat(config: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(config.get("identity"), dict):
-        return dict(config["identity"])
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}.{k}")
-        else:
-            flat[prefix] = node
-
-    for key in _LEGACY_IDENTITY:
-        walk(config.get(key), key)
-    return flat
-
-
-def swept_settings(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
-    """{run path: {setting: value}} of the settings that differ between ``runs`` (what a sweep varied), from
-    run.json's identity."""
-    flats = {str(r.path): {k: v for k, v in _flat(r.config).items() if k.split(".")[0] not in _NOISE} for r in runs}
-    keys = sorted({k for f in flats.values() for k in f})
-    varied = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats.values()}) > 1]
-    return {path: {k: f.get(k) for k in varied} for path, f in flats.items()}
-
-
-def _legend(settings: dict[str, Any], fallback: str) -> str:
-    def short(key: str, v: Any) -> str:
-        if isinstance(v, float):
-            text = format_eps(v) if key.split(".")[-1] in ("eps", "step") else f"{v:g}"
-        else:
-            text = str(v)
-        return text if len(text) <= 24 else "…" + text[-23:]  # a store's path: its last part tells them apart
-
-    parts = [f"{k}={short(k, v)}" for k, v in settings.items()]
-    return ", ".join(parts) if parts else fallback
-
-
-def plot_sweep(runs: Sequence[Run], out_png: str | os.PathLike, title: str = "") -> Path:
-    """Validation PGD (left) and test PGD (right) accuracy per epoch, one line per run (same colour in both
-    panels), labelled by the swept settings; ★ marks each run's best epoch. Writes a PNG."""
-    from matplotlib.ticker import MaxNLocator
-
-    settings = swept_settings(runs)
-    fig, axes = _figure(11, 4.6, ncols=2)
-    colours = [f"C{i % 10}" for i in range(len(runs))]
-    for run, colour in zip(runs, colours):
-        label = _legend(settings[str(run.path)], run.name)
-        xs, ys = _series(run.history, "val_pgd_acc")
-        axes[0].plot(xs, ys, color=colour, label=label, marker=".", markersize=4)
-        best = (run.summary or {}).get("best_epoch")
-        if best in xs:
-            axes[0].plot([best], [ys[xs.index(best)]], marker="*", color=colour, markersize=11, linestyle="none")
-        xs, ys = _series(run.history, "test_pgd_acc")
-        axes[1].plot(xs, ys, color=colour, label=label, marker="o", markersize=4)
-    if axes[0].has_data():  # the same epoch axis in both panels (test PGD is sparse: every test_every epochs)
-        axes[1].set_xlim(axes[0].get_xlim())
-    steps = {pgd_steps(r) for r in runs}
-    pgd = f"PGD-{steps.pop()}" if len(steps) == 1 and None not in steps else "PGD"
-    for ax, split in zip(axes, ("validation", "test")):
-        ax.set_title(f"{pgd} accuracy ({split})", fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy (%)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.suptitle(wrap(title or f"sweep of {len(runs)} runs", 11, 10), fontsize=10)
-    fig.tight_layout()
-    if handles:  # below the panels, in as many columns as fit: long labels never cover the curves
-        ncol = max(1, min(len(handles), int(11 * 72 / (0.55 * 8) // max(len(t) + 6 for t in labels))))
-        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-        rows = -(-len(handles) // ncol)
-        fig.subplots_adjust(bottom=0.12 + 0.05 * rows)
-    out_png = Path(out_png)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png")
-    return out_png
-
-
 # --- EDM runs ----------------------------------------------------------------------------------------
-
-def edm_losses(run_dir: str | os.PathLike) -> tuple[list[float], list[float]]:
-    """(kimg, training loss) per logged step from ``csv/version_*/metrics.csv`` (logger=csv; a resumed run adds
-    a version), sorted by kimg, later versions winning; empty without a CSV log."""
-    by_kimg: dict[float, float] = {}
-    versions = sorted(Path(run_dir).glob("csv/version_*/metrics.csv"),
-                      key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0))
-    for path in versions:
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                loss, kimg = _cell(row.get("train/loss") or ""), _cell(row.get("kimg") or "")
-                if isinstance(loss, (int, float)) and isinstance(kimg, (int, float)):
-                    by_kimg[float(kimg)] = float(loss)
-    kimgs = sorted(by_kimg)
-    return kimgs, [by_kimg[k] for k in kimgs]
-
-
-def sample_grids(run_dir: str | os.PathLike) -> list[Path]:
-    """``samples/grid-<kimg>.png`` of an EDM run, oldest first (the names are zero-padded, so they sort)."""
-    return sorted(Path(run_dir).glob("samples/grid-*.png"))
-
-
-def plot_edm_losses(runs: Sequence[Run], out_png: str | os.PathLike) -> Path | None:
-    """Training loss vs kimg, one line per EDM run (thin: per logged step; thick: running mean over ~5 % of the
-    run). None when no run has a CSV log."""
-    curves = [(run, *edm_losses(run.path)) for run in runs]
-    curves = [c for c in curves if c[1]]
-    if not curves:
-        return None
-    fig, (ax,) = _figure(7.5, 4.2)
-    for i, (run, xs, ys) in enumerate(curves):
-        colour = f"C{i % 10}"
-        ax.plot(xs, ys, color=colour, alpha=0.3, linewidth=0.8)
-        k = max(1, len(ys) // 20)
-        mean = [sum(ys[max(0, j - k + 1):j + 1]) / len(ys[max(0, j - k + 1):j + 1]) for j in range(len(ys))]
-        ax.plot(xs, mean, color=colour, linewidth=1.8, label=run.name)
-    ax.set_xlabel("training images (kimg)")
-    ax.set_ylabel("EDM loss")
-    low, high = min(min(ys) for _, _, ys in curves), max(max(ys) for _, _, ys in curves)
-    if low > 0 and high / low > 10:  # the first steps' loss is often orders of magnitude above the rest
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="best")
-    ax.set_title(wrap("EDM training loss: " + ", ".join(r.name for r, _, _ in curves), 7.5), fontsize=9)
-    return _save(fig, out_png)
-
 
 def edm_row(run: Run, root: Path | None = None) -> dict[str, Any]:
     """One row of the EDM table: the network, how far training got, the last logged loss, the latest grid."""
@@ -413,13 +93,6 @@ def _relpath(run_dir: Path, root: Path | None) -> str:
     if root is None or run_dir == root:
         return run_dir.name
     return run_dir.relative_to(root).as_posix()
-
-
-def pgd_steps(run: Run) -> int | None:
-    """Steps of the PGD that scored the run during training (run.json's eval.steps); None for runs written
-    before run.json recorded it."""
-    steps = (run.config.get("eval") or {}).get("steps")
-    return int(steps) if steps is not None else None
 
 
 def generated_quality(config: dict[str, Any]) -> dict[str, Any] | None:

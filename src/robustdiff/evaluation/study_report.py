@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.io import atomic_path, atomic_write_json, atomic_write_text
-from .report import load_run, read_history
+from .runs import load_run, read_history
 
 
 def _json(path: Path) -> Any:
