@@ -19,8 +19,8 @@ from robustdiff.utils.images import image_grid, labelled_grid
 from robustdiff.utils.io import atomic_write_json
 
 
-def trades_run(path, ratio, val):
-    identity = {"dataset.name": "fashionmnist", "ratio": ratio, "seed": 0, "epochs": len(val), "norm.eps": "8/255"}
+def trades_run(path, ratio, val, seed=0):
+    identity = {"dataset.name": "fashionmnist", "ratio": ratio, "seed": seed, "epochs": len(val), "norm.eps": "8/255"}
     atomic_write_json(path / "run.json", {
         "name": path.name, "dataset": "fashionmnist", "model": {"name": "wrn-10-1", "depth": 10, "width": 1},
         "norm": {"name": "linf", "eps": 8 / 255, "step": 2 / 255, "steps": 2}, "ratio": ratio, "epochs": len(val),
@@ -116,6 +116,26 @@ def test_sweep_figure_has_one_line_per_run_labelled_by_the_swept_setting(sweep, 
     md = (out / "report.md").read_text()
     assert "## Sweep" in md and "![sweep](figures/_sweep.png)" in md
     assert Image.open(out / "figures" / "_sweep.png").size == (1320, 552)
+
+
+def test_seeds_of_one_setting_get_mean_and_spread(tmp_path):
+    root = tmp_path / "runs"
+    # ratio 0.5 at three seeds (last epoch's test PGD 0.21, 0.23, 0.28), ratio 0.8 at one.
+    for name, ratio, seed, last in (("a", 0.5, 0, 0.22), ("b", 0.5, 1, 0.24), ("c", 0.5, 2, 0.29), ("d", 0.8, 0, 0.3)):
+        (root / name).mkdir(parents=True)
+        trades_run(root / name, ratio, [0.10, 0.20, 0.15, last], seed=seed)
+    write_report(root, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Over seeds" in md
+    (row,) = [line for line in md.splitlines() if line.startswith("| ratio=0.5 |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "3"
+    # PGD last (%): mean 24.00, sample sd of 21, 23, 28 = 3.61, range 21 to 28.
+    assert cells[4] == "24.00 ± 3.61 (21.00 to 28.00)", cells
+    assert "ratio=0.8" not in md.split("## Over seeds")[1].split("##")[0]  # one seed: no spread to give
+    # Without repeated seeds there is no such section.
+    write_report(root / "d", tmp_path / "one")
+    assert "## Over seeds" not in (tmp_path / "one" / "report.md").read_text()
 
 
 def test_single_run_has_no_sweep_figure(sweep, tmp_path):

@@ -300,9 +300,16 @@ def test_cli_import_info_verify_export(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["count"] == 300
     assert store_cli(["verify", str(store), "--no-progress"]) == 0
     assert "OK" in capsys.readouterr().out
-    assert store_cli(["export", str(store), str(tmp_path / "b.npz"), "--no-progress"]) == 0
+    assert store_cli(["export", str(store), "--out", str(tmp_path / "b.npz"), "--no-progress"]) == 0
     with np.load(tmp_path / "b.npz") as z:
         np.testing.assert_array_equal(z["image"], images)
+    capsys.readouterr()
+    # The older positional spelling still works, with a note naming the new one.
+    assert store_cli(["export", str(store), str(tmp_path / "c.npz"), "--no-progress"]) == 0
+    assert "--out" in capsys.readouterr().err and (tmp_path / "c.npz").is_file()
+    with pytest.raises(SystemExit):  # no output file at all
+        store_cli(["export", str(store)])
+    assert "--out OUT.npz" in capsys.readouterr().err
 
     shard = store / "shard-00002.labels.i64"
     data = bytearray(shard.read_bytes())
@@ -395,7 +402,7 @@ def test_a_damaged_manifest_is_named_by_every_command_not_a_traceback(how, tmp_p
     message = str(e.value)
     assert str(mpath) in message and ("damaged" in message or "unreadable manifest" in message), message
     for command in (["info", str(store)], ["verify", str(store), "--no-progress"],
-                    ["export", str(store), str(tmp_path / "out.npz"), "--no-progress"]):
+                    ["export", str(store), "--out", str(tmp_path / "out.npz"), "--no-progress"]):
         capsys.readouterr()
         assert store_cli(command) == 1, command
         err = capsys.readouterr().err

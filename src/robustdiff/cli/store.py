@@ -2,7 +2,7 @@
 
     robustdiff-store import 1m.npz --out data/generated/cifar10-1m
     robustdiff-store import 50m_part1.npz 50m_part2.npz 50m_part3.npz 50m_part4.npz --out STORE
-    robustdiff-store export STORE out.npz
+    robustdiff-store export STORE --out out.npz
     robustdiff-store info STORE [--json]
     robustdiff-store verify STORE
 
@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
 
     exp = add_subcommand(sub, "export", help="export a store to an uncompressed reference-layout .npz")
     exp.add_argument("store")
-    exp.add_argument("out", help="output .npz path (must not exist unless --overwrite)")
+    exp.add_argument("--out", dest="out_flag", default=None, metavar="OUT.npz",
+                     help="output .npz path (must not exist unless --overwrite; its directory must exist)")
+    exp.add_argument("out", nargs="?", default=None, help=argparse.SUPPRESS)  # deprecated: OUT after STORE
     exp.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     exp.add_argument("--no-progress", action="store_true")
 
@@ -74,7 +76,17 @@ def _summary(m: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "export":  # --out, as for import; the older positional OUT still works, with a note
+        if args.out is not None and args.out_flag is not None:
+            parser.error("export: give the output file once, as --out OUT.npz")
+        if args.out is None and args.out_flag is None:
+            parser.error("export: give the output file: robustdiff-store export STORE --out OUT.npz")
+        if args.out is not None:
+            print(f"robustdiff-store: note: 'export STORE OUT' is deprecated; write 'export STORE --out {args.out}'",
+                  file=sys.stderr)
+        args.out = args.out if args.out is not None else args.out_flag
     try:
         if args.command == "import":
             m = import_npz(

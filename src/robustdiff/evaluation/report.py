@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from typing import Any
 from ..utils.io import atomic_write_text
 from .plots import plot_edm_losses, plot_sweep, plot_training_curves
 from .robustness import format_count, format_eps, paper_result
-from .runs import Run, edm_losses, find_runs, load_run, pgd_steps, sample_grids
+from .runs import Run, edm_losses, find_runs, load_run, pgd_steps, sample_grids, swept_settings
 
 # The gap (test PGD, best minus last, in points) beyond which a run is flagged as robustly overfitting.
 OVERFIT_GAP = 3.0
@@ -185,6 +186,56 @@ def table_rows(runs: Sequence[Run], root: Path | None = None) -> list[dict[str, 
                                        r["epochs"] or 0, r["n_generated"], r["run"]))
 
 
+# Columns averaged over the seeds of one setting (key, header).
+SEED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("clean_best", "clean best (%)"), ("pgd_best", "PGD best (%)"), ("pgd_last", "PGD last (%)"),
+    ("pgd_gap", "PGD best−last"), ("autoattack", "AutoAttack (%)"))
+
+
+def seed_groups(runs: Sequence[Run], rows: Sequence[dict[str, Any]], root: Path | None = None) -> list[dict[str, Any]]:
+    """Runs that differ only in ``seed``, grouped: per group its setting (what differs from the other groups), its
+    runs, and per column of SEED_COLUMNS the mean, the sample standard deviation and the range over its seeds.
+    Only groups of two or more seeds are returned; an empty list when no run repeats a setting."""
+    settings = swept_settings(runs)
+    if not any("seed" in s for s in settings.values()):
+        return []
+    by_path = {r["path"]: r for r in rows}
+    groups: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for run in runs:
+        setting = {k: v for k, v in settings[str(run.path)].items() if k != "seed"}
+        key = json.dumps(setting, sort_keys=True, default=str)
+        groups.setdefault(key, []).append((setting, by_path[_relpath(run.path, root)]))
+    out = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        group: dict[str, Any] = {"setting": members[0][0], "runs": sorted(r["run"] for _, r in members),
+                                 "n": len(members)}
+        for key, _ in SEED_COLUMNS:
+            values = [r[key] for _, r in members if r.get(key) is not None]
+            if len(values) < 2:
+                group[key] = None
+                continue
+            mean = sum(values) / len(values)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            group[key] = {"mean": mean, "sd": sd, "min": min(values), "max": max(values), "n": len(values)}
+        out.append(group)
+    return sorted(out, key=lambda g: json.dumps(g["setting"], sort_keys=True, default=str))
+
+
+def _seed_cell(key: str, v: dict[str, Any] | None, seeds: int) -> str:
+    """mean ± sd (lowest to highest), and how many seeds have the value where some lack it (e.g. no AutoAttack)."""
+    if v is None:
+        return "—"
+    f = "+.2f" if key == "pgd_gap" else ".2f"
+    part = "" if v["n"] == seeds else f"; {v['n']} of {seeds} seeds"
+    return f"{v['mean']:{f}} ± {v['sd']:.2f} ({v['min']:{f}} to {v['max']:{f}}{part})"
+
+
+def _setting_label(setting: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(setting.items())) or "(one setting)"
+
+
 def _fmt(key: str, v: Any) -> str:
     if v is None:
         return "—"
@@ -199,7 +250,7 @@ def _fmt(key: str, v: Any) -> str:
 
 def render_markdown(rows: Sequence[dict[str, Any]], figures: dict[str, str], title: str, *,
                     sweep_figure: str | None = None, edm_rows: Sequence[dict[str, Any]] = (),
-                    edm_loss_figure: str | None = None) -> str:
+                    edm_loss_figure: str | None = None, seeds: Sequence[dict[str, Any]] = ()) -> str:
     """report.md: the TRADES table, the sweep figure, each run's curves, the EDM section, the warnings. Figure
     paths are relative to the report; ``edm_rows[i]["grid"]`` too."""
     lines = [f"# {title}", ""]
@@ -225,6 +276,14 @@ def render_markdown(rows: Sequence[dict[str, Any]], figures: dict[str, str], tit
                     cell += " (subset)"
                 cells.append(cell.replace("|", "\\|"))
             lines.append("| " + " | ".join(cells) + " |")
+    if seeds:
+        lines += ["", "## Over seeds", "", "Runs that differ only in their seed, per setting: mean ± sample standard "
+                  "deviation over the seeds (lowest to highest). Accuracies in %.", "",
+                  "| setting | seeds | " + " | ".join(h for _, h in SEED_COLUMNS) + " |",
+                  "|" + "---|" * (len(SEED_COLUMNS) + 2)]
+        for g in seeds:
+            cells = [_setting_label(g["setting"]), str(g["n"])] + [_seed_cell(k, g.get(k), g["n"]) for k, _ in SEED_COLUMNS]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     if sweep_figure:
         lines += ["", "## Sweep", "", "Validation and test PGD accuracy per epoch, one line per run, labelled by the "
                   "settings that differ between the runs (★: each run's best epoch).", "",
@@ -308,7 +367,8 @@ def write_report(path: str | os.PathLike, out_dir: str | os.PathLike | None = No
     edm_png = plot_edm_losses(edm_runs, out_dir / "figures" / "_edm-loss.png") if edm_runs else None
     text = render_markdown(rows, figures, title or f"robustdiff report: {root}",
                            sweep_figure=os.path.relpath(sweep_png, out_dir) if sweep_png else None,
-                           edm_rows=edm_rows, edm_loss_figure=os.path.relpath(edm_png, out_dir) if edm_png else None)
+                           edm_rows=edm_rows, edm_loss_figure=os.path.relpath(edm_png, out_dir) if edm_png else None,
+                           seeds=seed_groups(runs, rows, root))
     if skipped:
         text += "\n## Skipped runs\n\n" + "".join(f"- {line}\n" for line in skipped)
         for line in skipped:
