@@ -21,13 +21,7 @@ from robustdiff.adversarial.trades import AttackConfig, trades_loss
 from robustdiff.cli import evaluate as cli_eval
 from robustdiff.cli import report as cli_report
 from robustdiff.data.datasets import get_info, load_split
-from robustdiff.evaluation.export import (
-    CheckpointError,
-    export_robustbench,
-    infer_architecture,
-    load_wideresnet,
-    model_card,
-)
+from robustdiff.evaluation.export import export_robustbench, model_card
 from robustdiff.evaluation.report import write_report
 from robustdiff.evaluation.robustness import (
     EpsilonError,
@@ -42,6 +36,7 @@ from robustdiff.evaluation.robustness import (
     render_eval_markdown,
 )
 from robustdiff.evaluation.runs import find_runs, load_run
+from robustdiff.models.loading import CheckpointError, infer_architecture, load_wideresnet
 from robustdiff.models.wrn import BN_MOMENTUM, build_wrn, set_bn_momentum
 from robustdiff.utils.io import atomic_write_json, atomic_write_text
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from robustdiff.cli.generate import GenerationError, generate
 from robustdiff.cli.hydra_conf import CONF_DIR
 from robustdiff.data.store import GeneratedStore, StoreError, verify_store
 from robustdiff.diffusion.edm import EDMPrecond
+from robustdiff.diffusion.generate import GenerationError, generate
 from robustdiff.diffusion.sampler import sample_images
 from robustdiff.training.diffusion import network_kwargs, save_network
 
@@ -219,7 +219,7 @@ def test_shards_are_written_on_a_background_thread(network, tmp_path, monkeypatc
     """Shard b is written by the writer thread while the main thread samples shard b+1."""
     import threading
 
-    import robustdiff.cli.generate as gen
+    import robustdiff.diffusion.shards as gen
     from robustdiff.diffusion import sampler
 
     real_write, real_sample = gen.write_block, sampler.sample_images
@@ -249,7 +249,7 @@ def test_shards_are_written_on_a_background_thread(network, tmp_path, monkeypatc
 
 
 def test_a_failed_shard_write_stops_the_job_and_keeps_earlier_shards(network, tmp_path, monkeypatch):
-    import robustdiff.cli.generate as gen
+    import robustdiff.diffusion.shards as gen
     from robustdiff.data.store import finished_blocks
 
     real = gen.write_block

@@ -84,7 +84,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     """Run (or resume) every stage; returns {"report": path, "rows": [...], "seconds": {stage: s}}."""
     from ..cli.evaluate import build_parser as eval_parser
     from ..cli.evaluate import run_evaluation
-    from ..cli.generate import generate
+    from ..diffusion.generate import generate
     from ..evaluation.report import write_report
     from ..training.diffusion import train_edm
     from ..training.run import train

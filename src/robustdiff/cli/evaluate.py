@@ -295,7 +295,6 @@ def _run_evaluation(args: argparse.Namespace, s: dict[str, Any], sources: dict[s
     import torch
 
     from ..data.datasets import get_info
-    from ..evaluation.export import CheckpointError, load_wideresnet
     from ..evaluation.robustness import (
         clean_accuracy_warning,
         evaluate_autoattack,
@@ -306,6 +305,7 @@ def _run_evaluation(args: argparse.Namespace, s: dict[str, Any], sources: dict[s
         paper_result_dict,
         write_eval_results,
     )
+    from ..models.loading import CheckpointError, load_wideresnet
 
     for key in ("dataset", "norm", "eps", "n_examples", "attacks", "pgd_steps", "pgd_loss", "seed"):
         log.info("setting %s = %s (%s)", key, format_eps(s[key]) if key == "eps" else s[key], sources[key])
@@ -445,15 +445,8 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from ..data.datasets import get_info
-    from ..evaluation.export import (
-        CheckpointError,
-        export_robustbench,
-        extract_state_dict,
-        infer_architecture,
-        load_wideresnet,
-        model_card,
-        write_model_card,
-    )
+    from ..evaluation.export import export_robustbench, model_card, write_model_card
+    from ..models.loading import CheckpointError, extract_state_dict, infer_architecture, load_wideresnet
 
     check_export_paths(args)
     s, _ = resolve_settings(args)

@@ -215,7 +215,7 @@ def snapshot_path(edm_dir: Path, kimg: float) -> tuple[Path, float]:
 
 
 def generate_stores(spec: DictConfig, out: Path, edm_dir: Path) -> dict[str, Path]:
-    from .generate import generate
+    from ..diffusion.generate import generate
 
     stores = {}
     for name, kimg in spec.generators.items():

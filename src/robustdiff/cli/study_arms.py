@@ -131,7 +131,7 @@ def _store_network(spec: DictConfig, out: Path, store: DictConfig, best: str | N
 
 
 def generate_store(spec: DictConfig, out: Path, name: str, best: str | None, selector: Path | None) -> Path:
-    from .generate import generate
+    from ..diffusion.generate import generate
 
     s = spec.stores[name]
     store = out / "stores" / name

@@ -205,7 +205,7 @@ def load_inception(path: str | os.PathLike | None) -> tuple[InceptionFeatures, d
 def load_feature_classifier(path: str | os.PathLike, dataset: str | None, num_classes: int | None = None,
                             channels: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A robustdiff-trained WideResNet (run directory or state dict) and a description that names its file."""
-    from ..cli.generate import GenerationError, load_classifier
+    from ..diffusion.generation_inputs import GenerationError, load_classifier
 
     path = Path(path)
     weights = path / "model.pt" if path.is_dir() else path
