@@ -27,7 +27,8 @@ The classifier is a robustdiff-train run directory (model.pt + run.json) or a Wi
 Networks: ``network.pt`` from robustdiff-edm (weights-only load) or NVIDIA's EDM ``.pkl`` (restricted
 unpickler, ``robustdiff.diffusion.pretrained``). Multi-GPU runs use Lightning Fabric (``trainer=`` group).
 
-W&B (off by default; ``wandb.project=<name>`` turns it on, extra ``robustdiff[wandb]``): rank 0 logs one run of
+W&B (off by default; ``logger=wandb logger.project=<name>`` as robustdiff-train, extra ``robustdiff[wandb]``):
+rank 0 logs one run of
 job_type ``generate`` named after ``out``, its config the settings and the store's provenance, images/s and
 progress per finished shard, then the per-class counts and a grid of the first images of each class of the
 finished store. ``wandb.json`` in the store being written (``out``, or the candidates when filtering) records

@@ -1,4 +1,4 @@
-"""W&B logging of a generation run (``wandb.project=<name>``; off by default, extra ``robustdiff[wandb]``).
+"""W&B logging of a generation run (``logger=wandb``, as robustdiff-train; off by default, extra ``robustdiff[wandb]``).
 
 Rank 0 logs one run of job_type ``generate`` named after ``out``: its config the settings and the store's
 provenance, images/s and progress per finished shard, then the per-class counts and a grid of the first images
@@ -20,7 +20,7 @@ from .generation_inputs import GenerationError
 
 
 class GenerationWandb:
-    """The W&B run of one generation (rank 0; inactive when ``wandb.project`` is null or ``wandb.mode=disabled``).
+    """The W&B run of one generation (rank 0; inactive without ``logger=wandb`` or with ``logger.mode=disabled``).
 
     One W&B run per store: ``wandb.json`` in the store being written records its id, and without one the id
     comes from the store's path (``training.logging.run_id``), so a resumed generation continues the same run.
@@ -53,7 +53,7 @@ class GenerationWandb:
             from ..training.logging import read_record, resolve_mode, run_id, wandb_dir, write_record
 
             w, record = self.settings, read_record(target) or {}
-            config = {k: v for k, v in self.cfg.items() if k != "wandb"}
+            config = {k: v for k, v in self.cfg.items() if k not in ("wandb", "logger")}
             config.update(provenance=provenance, world_size=world_size, store=str(target.resolve()))
             self.run = wandb.init(
                 id=run_id(target), resume="allow", job_type="generate", name=Path(self.cfg["out"]).name,
@@ -84,7 +84,7 @@ class GenerationWandb:
 
     def done(self, manifest: dict, store: Path, images: int, seconds: float) -> None:
         """The finished store: its per-class counts and provenance, the run's images/s (rank 0), and a grid of
-        the first ``wandb.grid`` images of each class, one labelled row per class."""
+        the first ``logger.examples`` images of each class, one labelled row per class."""
         if self.run is None:
             return
         try:
@@ -118,23 +118,44 @@ class GenerationWandb:
 
 
 def wandb_settings(cfg: dict) -> dict | None:
-    """The ``wandb:`` block when W&B logging is on (a project is set and mode is not disabled), else None.
-    Checked before any work: the mode's name, and that wandb is installed."""
-    w = cfg.get("wandb") or {}
-    if not w.get("project"):
-        return None
+    """The W&B settings (project, entity, group, tags, mode, grid) when W&B logging is on, else None: from the
+    ``logger`` group as in robustdiff-train (``logger=wandb logger.project=P``; ``logger.examples`` images per class
+    in the finished store's grid), or from the older ``wandb.project=P`` block, which still works with a note.
+    Checked before any work: the logger's name, the mode's name, and that wandb is installed."""
     from ..training.logging import MODES
 
+    logger = cfg.get("logger") or {}
+    name = logger.get("name", "none")
+    if name not in ("none", "wandb"):
+        raise GenerationError(f"logger={name}: robustdiff-generate logs to W&B only; choose logger=wandb or "
+                              f"logger=none (the store's manifest records the generation itself)")
+    old = cfg.get("wandb") or {}
+    if old.get("project"):
+        if name == "wandb":
+            raise GenerationError("W&B is set twice: logger=wandb and wandb.project=...; keep logger=wandb "
+                                  "logger.project=<name> (wandb.* is the older spelling)")
+        print(f"robustdiff-generate: note: wandb.project= is the older spelling; write logger=wandb "
+              f"logger.project={old['project']} (as robustdiff-train)", file=sys.stderr)
+        w, key = dict(old), "wandb"
+    elif name == "wandb":
+        w = {k: logger.get(k) for k in ("project", "entity", "group", "tags", "mode")}
+        w["grid"], key = logger.get("examples", 8), "logger"
+    else:
+        return None
     mode = w.get("mode") or "auto"
     if mode not in MODES:
-        raise GenerationError(f"wandb.mode={mode!r}: choose {', '.join(MODES)} (auto: WANDB_MODE if set, else online "
+        raise GenerationError(f"{key}.mode={mode!r}: choose {', '.join(MODES)} (auto: WANDB_MODE if set, else online "
                               f"with an API key or `wandb login`, else offline)")
     if mode == "disabled":
         return None
     grid = w.get("grid", 8)
     if not isinstance(grid, int) or grid < 0:
-        raise GenerationError(f"wandb.grid={grid!r} must be a non-negative integer (images per class; 0 = no grid)")
-    if missing := missing_extra("wandb", f"wandb.project={w['project']}"):
+        what = "logger.examples" if key == "logger" else "wandb.grid"
+        raise GenerationError(f"{what}={grid!r} must be a non-negative integer (images per class; 0 = no grid)")
+    if not w.get("project"):
+        raise GenerationError(f"{key}.project is empty: name the W&B project (logger.project=<name>)")
+    spelled = f"logger=wandb logger.project={w['project']}" if key == "logger" else f"wandb.project={w['project']}"
+    if missing := missing_extra("wandb", spelled):
         raise GenerationError(missing)
     return w
 
