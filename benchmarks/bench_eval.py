@@ -24,7 +24,7 @@ import torch
 
 from robustdiff.adversarial.trades import AttackConfig, trades_loss
 from robustdiff.data.datasets import get_info, load_split
-from robustdiff.evaluation.robustness import STANDARD_ATTACKS, evaluate_autoattack
+from robustdiff.evaluation.autoattack import STANDARD_ATTACKS, evaluate_autoattack
 from robustdiff.models.wrn import build_wrn
 
 

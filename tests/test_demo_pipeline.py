@@ -54,7 +54,7 @@ def test_demo_pipeline_runs_every_stage_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("gen_aa", [40.0, 60.0])
 def test_demo_verdict_says_its_short_run_cannot_show_the_effect_whichever_way_it_comes_out(gen_aa):
-    from robustdiff.cli.demo import quality_section
+    from robustdiff.pipeline.demo import quality_section
 
     score = {"value": 2.0, "label_agreement": 0.5, "n": 40, "classifier": "clf", "classifier_model": "wrn-10-2",
              "classifier_test_clean_acc": 0.8, "reference_source": "test", "source": "train[50000:50040]"}

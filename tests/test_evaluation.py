@@ -21,19 +21,18 @@ from robustdiff.adversarial.trades import AttackConfig, trades_loss
 from robustdiff.cli import evaluate as cli_eval
 from robustdiff.cli import report as cli_report
 from robustdiff.data.datasets import get_info, load_split
+from robustdiff.evaluation.autoattack import StateMismatchError, evaluate_autoattack
 from robustdiff.evaluation.export import export_robustbench, model_card
+from robustdiff.evaluation.paper import paper_result
 from robustdiff.evaluation.report import write_report
+from robustdiff.evaluation.results import render_eval_markdown
 from robustdiff.evaluation.robustness import (
     EpsilonError,
-    StateMismatchError,
     check_eps,
     clean_accuracy_warning,
-    evaluate_autoattack,
     evaluate_clean,
     evaluate_pgd,
-    paper_result,
     parse_eps,
-    render_eval_markdown,
 )
 from robustdiff.evaluation.runs import find_runs, load_run
 from robustdiff.models.loading import CheckpointError, infer_architecture, load_wideresnet

@@ -70,7 +70,7 @@ def test_help_lists_each_clis_own_groups_including_experiment():
     edm, _ = run_cli("train_edm", "--help")
     assert groups(edm) == {"dataset", "edm", "trainer", "logger"}
     generate, _ = run_cli("generate", "--help")
-    assert groups(generate) == {"trainer", "dataset"}
+    assert groups(generate) == {"trainer", "dataset", "logger"}
     # recipes are advertised only by the command that takes them
     assert "experiment=NAME" in train and "experiment/NAME.yaml" in train
     assert "experiment" not in edm and "experiment" not in generate

@@ -137,7 +137,7 @@ def test_a_listed_study_with_a_bad_reference_is_refused_before_any_work(edit, me
 def test_a_shared_stage_held_by_the_other_study_command_is_waited_for_not_a_crash(tmp_path, capsys):
     """Two commands of one study (disjoint --arms, one --out) both pass the classifier, selector, EDM and store
     stages: the one that finds a stage locked by the other waits and then finds it done."""
-    from robustdiff.cli.study_arms import shared_stage
+    from robustdiff.study.listed import shared_stage
     from robustdiff.utils.lock import DirectoryLock, DirectoryLockedError
 
     stage = tmp_path / "classifier"

@@ -1,10 +1,14 @@
 """Export a WideResNet for RobustBench: a plain state dict its ``DMWideResNet`` loads strictly, and a model card.
 
-Checkpoints are read by ``robustdiff.models.loading`` (`load_wideresnet`).
+``export_run`` is what ``robustdiff-eval export`` runs: a run directory's model (or a checkpoint's), checked to
+give the same logits once exported, and its card with the accuracies of the run's eval.json. Checkpoints are
+read by ``robustdiff.models.loading`` (`load_wideresnet`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +17,11 @@ from typing import Any
 from ..models.loading import Architecture
 from ..models.wrn import WideResNet
 from ..utils.io import atomic_torch_save, atomic_write_json
-from .robustness import check_eps, format_count, format_eps
+from .evaluate import EvaluationError, ModelTarget, read_json, resolve_settings, unfinished_run_warning
+from .results import format_count, format_eps, format_pct
+from .robustness import check_eps
+
+log = logging.getLogger("robustdiff.eval")
 
 
 def export_robustbench(model: WideResNet, path: str | os.PathLike) -> Path:
@@ -21,10 +29,6 @@ def export_robustbench(model: WideResNet, path: str | os.PathLike) -> Path:
     state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     atomic_torch_save(state_dict, path)
     return Path(path)
-
-
-def _pct(v: float | None) -> str | None:
-    return None if v is None else f"{100 * v:.2f}"
 
 
 def model_card(
@@ -62,9 +66,9 @@ def model_card(
         "venue": venue,
         "architecture": arch,
         "eps": format_eps(eps),
-        "clean_acc": _pct(clean_acc),
-        "reported": _pct(reported if reported is not None else autoattack_acc),
-        "autoattack_acc": _pct(autoattack_acc),
+        "clean_acc": format_pct(clean_acc, missing=None),
+        "reported": format_pct(reported if reported is not None else autoattack_acc, missing=None),
+        "autoattack_acc": format_pct(autoattack_acc, missing=None),
         "footnote": footnote,
         "unreliable": False,
     }
@@ -73,3 +77,109 @@ def model_card(
 def write_model_card(card: Mapping[str, Any], path: str | os.PathLike) -> Path:
     atomic_write_json(path, dict(card))
     return Path(path)
+
+
+# --- robustdiff-eval export ----------------------------------------------------------------------------
+
+class ExportError(EvaluationError):
+    """An export robustdiff-eval refuses: an output inside another run, a model it cannot read."""
+
+    command = "robustdiff-eval export"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExportRequest(ModelTarget):
+    """What to export and where (robustdiff-eval export's flags); the card's fields describe *your* model."""
+
+    out: Path  # the .pt: a plain DMWideResNet state dict
+    card: Path | None = None  # also write a RobustBench model-info JSON here
+    overwrite: bool = False  # replace existing out/card files
+    eval_json: Path | None = None  # eval.json with the card's accuracies (default: the run directory's)
+    name: str | None = None  # the card's model name (default: the run's name)
+    authors: str | None = None
+    link: str | None = None
+    venue: str | None = None
+
+
+def check_export_paths(request: ExportRequest) -> None:
+    """Before any work: no silent overwrite (a ``StoreError``), no file written into another run's directory."""
+    from ..data.store import check_new_file
+
+    own = request.target.resolve() if request.target.is_dir() else request.target.resolve().parent
+    for flag, path in (("--out", request.out), ("--card", request.card)):
+        if path is None:
+            continue
+        parent = path.resolve().parent
+        if (parent / "run.json").is_file() and parent != own:
+            raise ExportError(f"{flag} {path} is inside another run directory ({parent}); write exports elsewhere "
+                              f"— robustdiff never writes into a run it does not own")
+        check_new_file(path, request.overwrite, f"robustdiff-eval export {flag}")
+
+
+def export_run(request: ExportRequest) -> dict[str, Any]:
+    """Export the target's model for RobustBench, checked to give the same logits, and its card when asked.
+
+    Returns {'model': path, 'architecture', 'card' (or None), 'warnings'}; the warnings are logged too."""
+    import torch
+
+    from ..data.datasets import get_info
+    from ..models.loading import CheckpointError, extract_state_dict, infer_architecture, load_wideresnet
+
+    check_export_paths(request)
+    s, _ = resolve_settings(request)
+    try:
+        model = load_wideresnet(s["model_path"], dataset=s["dataset"], weights=request.weights)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise ExportError(str(e)) from None
+    path = export_robustbench(model, request.out)
+    # Self-check: the exported file loads strictly into a fresh model and gives the same logits.
+    exported = torch.load(path, map_location="cpu", weights_only=True)
+    arch = infer_architecture(extract_state_dict(exported, source=str(path)), str(path))
+    fresh = load_wideresnet(exported, dataset=s["dataset"])
+    probe = torch.rand((4, arch.in_channels) + get_info(s["dataset"]).image_shape[:2],
+                       generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if not torch.equal(model(probe), fresh(probe)):
+            raise RuntimeError(f"{path}: the exported model does not reproduce the original logits")
+    log.info("wrote %s (%s, %d classes)", path, arch.robustbench_name, arch.num_classes)
+    result: dict[str, Any] = {"model": str(path), "architecture": arch.robustbench_name, "card": None, "warnings": []}
+    if (unfinished := unfinished_run_warning(request.target)) is not None:
+        result["warnings"].append(unfinished)
+    if request.card is not None:
+        card = _card(request, s, arch, result["warnings"])
+        write_model_card(card, request.card)
+        result["card"] = card
+        log.info("wrote %s", request.card)
+    for w in result["warnings"]:
+        log.warning(w)
+    return result
+
+
+def _card(request: ExportRequest, s: dict[str, Any], arch: Architecture, warnings: list[str]) -> dict[str, Any]:
+    """The model card, its accuracies from eval.json; what it lacks is added to ``warnings``."""
+    from ..data.datasets import get_info
+
+    eval_path = request.eval_json or (request.target / "eval.json" if request.target.is_dir() else None)
+    ev = read_json(eval_path) if eval_path is not None else None
+    clean = aa = None
+    if ev is None:
+        warnings.append("no eval.json: the card has no accuracies; run robustdiff-eval first")
+    else:
+        clean = (ev.get("clean") or {}).get("acc")
+        aa_res = ev.get("autoattack") or {}
+        if aa_res.get("version") == "standard":
+            aa = aa_res.get("robust_acc")
+        elif aa_res:
+            warnings.append("eval.json holds a subset of AutoAttack; the card's autoattack_acc is empty")
+        info = get_info(s["dataset"])
+        if ev.get("n_examples", 0) < info.n_test:
+            warnings.append(f"eval.json covers {ev.get('n_examples')} of {info.n_test} test images; "
+                            "RobustBench reports the full test set")
+    card = model_card(dataset=s["dataset"], norm=s["norm"], eps=s["eps"], architecture=arch, clean_acc=clean,
+                      autoattack_acc=aa, n_generated=s["n_generated"], name=request.name or s["name"],
+                      link=request.link, authors=request.authors, venue=request.venue)
+    empty = [f"--{k}" for k in ("authors", "link", "venue") if not card[k]]
+    if empty:
+        warnings.append(f"the card's {', '.join(k[2:] for k in empty)} are empty: pass {' '.join(empty)} "
+                        "(yours, not the paper's) before submitting it to RobustBench")
+    return card

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.io import atomic_path
-from .robustness import format_count, format_eps
+from .results import format_count, format_eps
 from .runs import Run, edm_losses, pgd_steps, swept_settings
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.io import atomic_write_text
+from .paper import paper_result
 from .plots import plot_edm_losses, plot_sweep, plot_training_curves
-from .robustness import format_count, format_eps, paper_result
+from .results import format_count, format_eps
 from .runs import Run, edm_losses, find_runs, load_run, pgd_steps, sample_grids, swept_settings
 
 # The gap (test PGD, best minus last, in points) beyond which a run is flagged as robustly overfitting.

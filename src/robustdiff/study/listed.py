@@ -22,23 +22,25 @@ done. The report is written when every arm is done (or with ``--report-only``).
 from __future__ import annotations
 
 import json
-import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from .demo import _compose, _require_finished
-from .study import (
-    StudyError,
-    _stage,
-    _train,
+from ..conf.compose import compose_config
+from ..pipeline.stages import require_finished
+from .spec import StudyError
+from .stages import (
     evaluate_arm,
     reference_statistics,
     snapshot_path,
+    stage,
     train_classifier,
     train_generator,
+    train_run,
+    train_selector,
 )
 
 SHARED_POLL_S = 30.0  # how often a command waiting on a shared stage tries again
@@ -59,63 +61,6 @@ def shared_stage(call, *args, wait=time.sleep, **kwargs):
                       f"the other one on this --out); trying again every {SHARED_POLL_S:g} s", flush=True)
                 announced = True
             wait(SHARED_POLL_S)
-
-
-STORE_KEYS = {"generator", "n", "keep_fraction", "candidates"}
-ARM_KEYS = {"store", "ratio", "seed"}
-
-
-def check_listed(spec: DictConfig, path: Path) -> None:
-    """The stores and arms refer to things that exist, with values in range — before any work."""
-    gens = set(spec.generators)
-    for name, s in spec.stores.items():
-        where = f"study file {path}: stores.{name}"
-        extra = set(s) - STORE_KEYS
-        if extra or not {"generator", "n"} <= set(s):
-            raise StudyError(f"{where}: give generator and n (and optionally keep_fraction); unknown: {sorted(extra)}")
-        if s.generator not in gens and s.generator != "best":
-            raise StudyError(f"{where}.generator={s.generator!r}: name one of generators ({', '.join(gens)}) or best")
-        if not (isinstance(s.n, int) and s.n > 0):
-            raise StudyError(f"{where}.n={s.n!r} must be a whole number > 0")
-        kf = float(s.get("keep_fraction", 1))
-        if not 0 < kf <= 1:
-            raise StudyError(f"{where}.keep_fraction={kf:g} must be in (0, 1]")
-        if kf < 1 and "selector" not in spec:
-            raise StudyError(f"{where}.keep_fraction={kf:g} needs a selector: classifier in the study file")
-        if s.get("candidates") is not None:  # select from another listed store: generated once, used twice
-            names = list(spec.stores)
-            c = spec.stores.get(s.candidates)
-            want = math.ceil(math.ceil(s.n / kf) / _num_classes(spec)) * _num_classes(spec)
-            if (kf == 1 or c is None or names.index(s.candidates) > names.index(name) or c.generator != s.generator
-                    or float(c.get("keep_fraction", 1)) != 1 or c.n != want):
-                raise StudyError(f"{where}.candidates={s.candidates!r}: name a raw store (keep_fraction 1) listed "
-                                 f"before it, of the same generator, with n={want} (the candidates keep_fraction "
-                                 f"{kf:g} of n={s.n} needs)")
-    raw = {s.generator for s in spec.stores.values() if float(s.get("keep_fraction", 1)) == 1}
-    if any(s.generator == "best" for s in spec.stores.values()) and not gens <= raw:
-        raise StudyError(f"study file {path}: a store uses generator best, so every generator needs a raw store "
-                         f"(keep_fraction 1) whose FD chooses it; missing for {sorted(gens - raw)}")
-    for name, a in spec.arms.items():
-        where = f"study file {path}: arms.{name}"
-        if set(a) - ARM_KEYS or "seed" not in a:
-            raise StudyError(f"{where}: give seed, and store + ratio for generated data; unknown: "
-                             f"{sorted(set(a) - ARM_KEYS)}")
-        if a.get("store") is not None:
-            if a.store not in spec.stores:
-                raise StudyError(f"{where}.store={a.store!r}: name one of stores ({', '.join(spec.stores)})")
-            if not 0 < float(a.get("ratio", 0)) < 1:
-                raise StudyError(f"{where}.ratio={a.get('ratio')!r}: the real fraction of a batch, in (0, 1)")
-    train_cfg = _compose("train", list(spec.train.overrides))
-    edm_cfg = _compose("train_edm", list(spec.edm.overrides))
-    if int(edm_cfg.get("val_size", 0)) != int(train_cfg.val_size):
-        raise StudyError(f"study file {path}: edm.overrides must leave out the arms' {train_cfg.val_size} validation "
-                         f"images (val_size={train_cfg.val_size}); they give val_size={edm_cfg.get('val_size', 0)}")
-
-
-def _num_classes(spec: DictConfig) -> int:
-    from ..data.datasets import get_info
-
-    return get_info(spec.dataset).num_classes
 
 
 def _candidates(out: Path, name: str, store: DictConfig) -> Path:
@@ -144,9 +89,9 @@ def generate_store(spec: DictConfig, out: Path, name: str, best: str | None, sel
         overrides += [f"classifier={selector}", f"keep_fraction={kf:g}", f"candidates={_candidates(out, name, s)}"]
     if (store / "manifest.json").is_file() and json.loads((store / "manifest.json").read_text()).get("complete"):
         return store
-    _stage(f"stores: {name} ({gen}, {s.n:,} images{f', keep {kf:g} of the candidates' if kf < 1 else ''})",
-           "robustdiff-generate " + " ".join(overrides))
-    generate(_compose("generate", overrides))
+    stage(f"stores: {name} ({gen}, {s.n:,} images{f', keep {kf:g} of the candidates' if kf < 1 else ''})",
+          "robustdiff-generate " + " ".join(overrides))
+    generate(compose_config("generate", overrides))
     return store
 
 
@@ -159,8 +104,8 @@ def measure_store(spec: DictConfig, out: Path, name: str, best: str | None, clas
         return json.loads(path.read_text())
     s = spec.stores[name]
     store = out / "stores" / name
-    _stage(f"quality of {name}", f"robustdiff-fid score {store} --ref {out / 'quality' / 'reference.npz'} "
-           f"--features classifier --classifier {classifier} --n-examples {s.n}")
+    stage(f"quality of {name}", f"robustdiff-fid score {store} --ref {out / 'quality' / 'reference.npz'} "
+          f"--features classifier --classifier {classifier} --n-examples {s.n}")
     r = score_store(store, out / "quality" / "reference.npz", features="classifier", classifier=classifier, n=s.n)
     gen, _, kimg = _store_network(spec, out, s, best)
     r.update(store=name, generator=gen, kimg=kimg, n_images=int(s.n), keep_fraction=float(s.get("keep_fraction", 1)))
@@ -174,22 +119,6 @@ def measure_store(spec: DictConfig, out: Path, name: str, best: str | None, clas
     print(f"robustdiff-study: {name}: classifier FD {r['value']:.3f}, label agreement "
           f"{100 * r['label_agreement']:.2f}%")
     return r
-
-
-def train_selector(spec: DictConfig, out: Path, data_dir: str) -> Path:
-    run_dir = out / "selector"
-    overrides = [f"dataset={spec.dataset}", *spec.selector.overrides, f"data_dir={data_dir}", f"run_root={out}",
-                 "name=selector", "trainer.enable_progress_bar=false"]
-    train_cfg = _compose("train", list(spec.train.overrides))
-    cfg = _compose("train", overrides)
-    if (cfg.limit_train, cfg.val_size) != (train_cfg.limit_train, train_cfg.val_size):
-        raise StudyError(f"selector.overrides: the selector must see only the arms' real training images "
-                         f"(limit_train={train_cfg.limit_train} val_size={train_cfg.val_size}); it has "
-                         f"limit_train={cfg.limit_train} val_size={cfg.val_size}")
-    _stage("selector: a standard classifier on the study's real training images only",
-           "robustdiff-train " + " ".join(overrides))
-    _require_finished(_train(cfg, run_dir), run_dir)
-    return run_dir
 
 
 def choose_best(spec: DictConfig, quality: dict[str, dict]) -> str:
@@ -206,13 +135,13 @@ def train_listed_arm(spec: DictConfig, out: Path, name: str, data_dir: str, inde
                  f"name={name}", "trainer.enable_progress_bar=false"]
     if a.get("store") is not None:
         overrides += [f"generated={out / 'stores' / a.store}", f"ratio={a.ratio}"]
-    _stage(f"arm {index}: {name}", "robustdiff-train " + " ".join(overrides))
-    _require_finished(_train(_compose("train", overrides), run_dir), run_dir)
+    stage(f"arm {index}: {name}", "robustdiff-train " + " ".join(overrides))
+    require_finished(train_run(compose_config("train", overrides), run_dir), run_dir)
     return run_dir
 
 
 def run_listed_study(spec: DictConfig, out: Path, data_dir: str, only: list[str] | None,
-                     timed) -> tuple[str | None, bool]:
+                     timed: Callable[[str, float], None]) -> tuple[str | None, bool]:
     """Run every stage (the arms in ``only`` if given). Returns (best generator, whether every arm is done)."""
     if only:
         unknown = [a for a in only if a not in spec.arms]
@@ -228,7 +157,7 @@ def run_listed_study(spec: DictConfig, out: Path, data_dir: str, only: list[str]
         _run_arms(spec, out, data_dir, only, timed)
         return None, _all_evaluated(spec, out)
     t0 = time.monotonic()
-    shared_stage(train_generator, spec, out, data_dir, _compose("train", list(spec.train.overrides)).limit_train)
+    shared_stage(train_generator, spec, out, data_dir, compose_config("train", list(spec.train.overrides)).limit_train)
     timed("edm", t0)
     quality: dict[str, dict] = {}
     best = None
@@ -251,7 +180,8 @@ def run_listed_study(spec: DictConfig, out: Path, data_dir: str, only: list[str]
     return best, _all_evaluated(spec, out)
 
 
-def _run_arms(spec: DictConfig, out: Path, data_dir: str, only: list[str] | None, timed) -> None:
+def _run_arms(spec: DictConfig, out: Path, data_dir: str, only: list[str] | None,
+              timed: Callable[[str, float], None]) -> None:
     names = list(spec.arms)
     for i, name in enumerate(names):
         if only and name not in only:
@@ -266,10 +196,3 @@ def _run_arms(spec: DictConfig, out: Path, data_dir: str, only: list[str] | None
 
 def _all_evaluated(spec: DictConfig, out: Path) -> bool:
     return all((out / "runs" / n / "eval.json").is_file() for n in spec.arms)
-
-
-def standard_error(p: float | None, n: int | None) -> float | None:
-    """Binomial standard error of an accuracy ``p`` measured on ``n`` images."""
-    if p is None or not n:
-        return None
-    return math.sqrt(max(p * (1 - p), 0.0) / n)

@@ -1,0 +1,71 @@
+"""Running a study end to end (the job behind ``robustdiff-study``): find and fix its study file in the study
+directory, run the flow the file asks for (the generator-quality study, or the study that lists its stores and
+arms), keep the seconds of every stage in ``<out>/timing.json`` (summed over invocations, an interrupted one
+included) and write the report once every stage is done.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .spec import StudyError, is_listed, load_study, resolve_study
+from .stages import stage
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """``report``: the study's report.md; ``complete``: whether it was written (a study listing its arms whose
+    arms are not all trained and evaluated yet leaves it for a later run)."""
+
+    report: Path
+    complete: bool
+
+
+def run_study(study: Path, out: Path, data_dir: str = "data", report_only: bool = False,
+              arms: Sequence[str] | None = None) -> StudyResult:
+    """Run (or resume) the study ``study`` (a file, or a shipped study's name) in ``out``.
+
+    ``report_only``: only (re)write the report from what exists. ``arms``: for a study listing its arms, train
+    and evaluate only these (None: all of them). Raises `StudyError` for a study that cannot be run as asked."""
+    from ..evaluation.arms_report import write_arms_report
+    from ..evaluation.study_report import write_study_report as write_quality_report
+
+    path = resolve_study(study)  # before anything is created
+    out.mkdir(parents=True, exist_ok=True)
+    spec = load_study(path, out)
+    listed = is_listed(spec)
+    if arms and not listed:
+        raise StudyError(f"--arms: {study} does not list its arms (no arms: section)")
+    write_report = write_arms_report if listed else write_quality_report
+    if report_only:
+        return StudyResult(write_report(out, spec), True)
+    from ..utils.io import atomic_write_json
+
+    timing_path = out / "timing.json"
+    seconds: dict[str, float] = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+
+    def timed(key: str, t0: float) -> None:
+        """Seconds per stage over every invocation (an interrupted one included), saved after each stage."""
+        now = time.monotonic()
+        seconds[key] = seconds.get(key, 0.0) + now - t0
+        seconds["wall"] = seconds.get("wall", 0.0) + now - t0
+        atomic_write_json(timing_path, seconds)
+
+    if listed:
+        from .listed import run_listed_study
+
+        only = [a for a in arms if a] if arms else None
+        _, done = run_listed_study(spec, out, data_dir, only, timed)
+        if not done:
+            return StudyResult(out / "report.md", False)
+        stage("report")
+    else:
+        from .quality_study import run_quality_study
+
+        run_quality_study(spec, out, data_dir, timed)
+        stage("9/9 report")
+    return StudyResult(write_report(out, spec), True)
