@@ -12,10 +12,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ..conf.compose import CONF_DIR  # the same files as a directory (compose API)
 from ..utils import naming  # noqa: F401  (registers the rd_* resolvers the configs use)
 
 CONFIG_PATH = "pkg://robustdiff.conf"
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the same files as a directory (compose API)
 
 
 def config_groups(groups: Iterable[str], conf_dir: str = CONF_DIR) -> str:
