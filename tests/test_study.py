@@ -116,6 +116,42 @@ def test_a_study_listing_its_arms_selects_with_a_classifier_of_its_own_data_and_
     assert study_main([str(V2_QUICK), "--out", str(out), "--arms", "nope"]) == 2
     assert "nope not in the study's arms" in capsys.readouterr().err
 
+    # The generators, shipped: a new study directory takes them (sha256 checked) and trains no EDM; a store made
+    # from the shipped snapshot is byte for byte the one the original study made.
+    from robustdiff.study.listed import generate_store
+    from robustdiff.study.spec import load_study
+
+    shipped = tmp_path / "shipped"
+    assert study_main([str(V2_QUICK), "--out", str(out), "--ship-generator", str(shipped)]) == 0
+    prov = json.loads((shipped / "provenance.json").read_text())
+    assert prov["study"] == "fmnist_v2_quick" and prov["edm_overrides"] == list(spec.edm.overrides)
+    assert prov["command"].startswith("robustdiff-edm ") and "limit_train=160" in prov["command"]
+    assert set(prov["snapshots"]) == set(spec.generators)
+    assert prov["snapshots"][best]["quality"]["classifier_fd"] == quality[f"raw-{best[4:]}"]["value"]
+    fresh = tmp_path / "from-shipped"
+    capsys.readouterr()
+    seeded = load_study(V2_QUICK, fresh)
+    from robustdiff.study.generator import seed_generator
+    from robustdiff.study.stages import train_generator
+
+    seed_generator(seeded, fresh, shipped)
+    assert train_generator(seeded, fresh, "data") == fresh / "edm"
+    assert not (fresh / "edm" / "run.json").exists() and "shipped" in capsys.readouterr().out  # nothing trained
+    generate_store(seeded, fresh, "raw-64img", None, None)
+    shard = "shard-00000.images.u8"
+    assert (fresh / "stores" / "raw-64img" / shard).read_bytes() == (out / "stores" / "raw-64img" / shard).read_bytes()
+    # Refusals: a study directory with its own EDM, a damaged snapshot, a generator of another study.
+    assert study_main([str(V2_QUICK), "--out", str(out), "--generator", str(shipped), "--arms", "real-s0"]) == 2
+    assert "trains its own EDM" in capsys.readouterr().err
+    snap = shipped / prov["snapshots"][best]["file"]
+    snap.write_bytes(snap.read_bytes()[:-1] + b"x")
+    assert study_main([str(V2_QUICK), "--out", str(tmp_path / "other"), "--generator", str(shipped)]) == 2
+    assert "sha256 differs" in capsys.readouterr().err
+    prov["study"] = "fmnist_v2"
+    (shipped / "provenance.json").write_text(json.dumps(prov))
+    assert study_main([str(V2_QUICK), "--out", str(tmp_path / "other2"), "--generator", str(shipped)]) == 2
+    assert "trained for another study" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("edit, message", [
     (("val_size=32, grid", "grid"), "must leave out the arms' 32 validation images"),

@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", default=None, metavar="A,B",
                    help="a study file listing arms: train and evaluate only these (disjoint lists can run side by "
                         "side); the report waits for every arm")
+    p.add_argument("--generator", type=Path, default=None, metavar="DIR",
+                   help="take the EDM snapshots from a shipped generator folder (e.g. "
+                        "experiments/study/generators/fmnist_v2) instead of training the EDM; a new --out only")
+    p.add_argument("--ship-generator", type=Path, default=None, metavar="DIR",
+                   help="copy the study's finished EDM snapshots and their provenance into DIR, and stop")
     return p
 
 
@@ -65,10 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         result = run_study(args.study, args.out, data_dir=args.data_dir, report_only=args.report_only,
-                           arms=args.arms.split(",") if args.arms else None)
+                           arms=args.arms.split(",") if args.arms else None, generator=args.generator,
+                           ship_generator=args.ship_generator)
     except (StudyError, QualityError, DirectoryLockedError) as e:
         print(f"robustdiff-study: error: {e}", file=sys.stderr)
         return 2
+    if args.ship_generator is not None:
+        return 0
     if result.complete and not args.report_only:
         print(f"\nrobustdiff-study: {result.report}")
     elif not result.complete:

@@ -157,7 +157,7 @@ def run_listed_study(spec: DictConfig, out: Path, data_dir: str, only: list[str]
         _run_arms(spec, out, data_dir, only, timed)
         return None, _all_evaluated(spec, out)
     t0 = time.monotonic()
-    shared_stage(train_generator, spec, out, data_dir, compose_config("train", list(spec.train.overrides)).limit_train)
+    shared_stage(train_generator, spec, out, data_dir)
     timed("edm", t0)
     quality: dict[str, dict] = {}
     best = None

@@ -116,8 +116,7 @@ def run_quality_study(spec: DictConfig, out: Path, data_dir: str, timed: Callabl
     reference_statistics(spec, out, classifier, data_dir)
     timed("classifier", t0)
     t0 = time.monotonic()
-    limit = compose_config("train", list(spec.train.overrides)).limit_train
-    edm_dir = train_generator(spec, out, data_dir, limit)
+    edm_dir = train_generator(spec, out, data_dir)
     timed("edm", t0)
     t0 = time.monotonic()
     stores = generate_stores(spec, out, edm_dir)

@@ -26,11 +26,15 @@ class StudyResult:
 
 
 def run_study(study: Path, out: Path, data_dir: str = "data", report_only: bool = False,
-              arms: Sequence[str] | None = None) -> StudyResult:
+              arms: Sequence[str] | None = None, generator: Path | None = None,
+              ship_generator: Path | None = None) -> StudyResult:
     """Run (or resume) the study ``study`` (a file, or a shipped study's name) in ``out``.
 
     ``report_only``: only (re)write the report from what exists. ``arms``: for a study listing its arms, train
-    and evaluate only these (None: all of them). Raises `StudyError` for a study that cannot be run as asked."""
+    and evaluate only these (None: all of them). ``generator``: a shipped generator folder whose snapshots the
+    study takes instead of training its EDM (checked against the study and by sha256; see `study.generator`).
+    ``ship_generator``: only copy the study's finished generators, with their provenance, into that folder.
+    Raises `StudyError` for a study that cannot be run as asked."""
     from ..evaluation.arms_report import write_arms_report
     from ..evaluation.study_report import write_study_report as write_quality_report
 
@@ -41,6 +45,16 @@ def run_study(study: Path, out: Path, data_dir: str = "data", report_only: bool 
     if arms and not listed:
         raise StudyError(f"--arms: {study} does not list its arms (no arms: section)")
     write_report = write_arms_report if listed else write_quality_report
+    if ship_generator is not None:
+        from .generator import ship_generator as ship
+
+        provenance = ship(spec, out, ship_generator)
+        print(f"robustdiff-study: generators {', '.join(spec.generators)} shipped to {ship_generator} ({provenance})")
+        return StudyResult(provenance, True)
+    if generator is not None:
+        from .generator import seed_generator
+
+        seed_generator(spec, out, generator)
     if report_only:
         return StudyResult(write_report(out, spec), True)
     from ..utils.io import atomic_write_json

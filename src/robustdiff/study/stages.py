@@ -117,17 +117,32 @@ def train_selector(spec: DictConfig, out: Path, data_dir: str) -> Path:
     return run_dir
 
 
-def train_generator(spec: DictConfig, out: Path, data_dir: str, limit_train: int | None) -> Path:
-    from ..training.diffusion import train_edm
-
-    run_dir = out / "edm"
+def edm_command(spec: DictConfig, out: Path, data_dir: str) -> tuple[list[str], str]:
+    """The overrides of the study's EDM stage and the command that trains the same network by hand."""
+    limit_train = compose_config("train", list(spec.train.overrides)).limit_train
     overrides = [f"dataset={spec.dataset}", *spec.edm.overrides, f"data_dir={data_dir}", f"run_root={out}",
                  "name=edm", "trainer.enable_progress_bar=false", "logger=csv"]
     if limit_train:
         overrides.append(f"limit_train={limit_train}")
     kimgs = sorted(float(k) for k in spec.generators.values())
     overrides.append(f"edm.snapshot_kimg={gcd_kimg(kimgs)}")
-    stage("3/9 EDM generator on the study's real images", "robustdiff-edm " + " ".join(overrides))
+    return overrides, "robustdiff-edm " + " ".join(overrides)
+
+
+def train_generator(spec: DictConfig, out: Path, data_dir: str) -> Path:
+    """The study's EDM (``<out>/edm``), trained on the study's real images only — or, where the directory was
+    started from a shipped generator (``--generator``), its snapshots as they are."""
+    from .generator import SHIPPED
+
+    run_dir = out / "edm"
+    if (run_dir / SHIPPED).is_file():
+        source = json.loads((run_dir / SHIPPED).read_text()).get("source")
+        stage(f"3/9 EDM generator: shipped ({source}), not trained")
+        return run_dir
+    from ..training.diffusion import train_edm
+
+    overrides, command = edm_command(spec, out, data_dir)
+    stage("3/9 EDM generator on the study's real images", command)
     require_finished(train_edm(compose_config("train_edm", overrides), run_dir), run_dir)
     return run_dir
 
