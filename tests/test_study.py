@@ -5,6 +5,7 @@ report; a rerun redoes nothing and a changed protocol is refused."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,8 @@ def test_quick_study_runs_every_stage_resumes_and_fixes_its_protocol(tmp_path, c
 V2_QUICK = ROOT / "experiments" / "study" / "fmnist_v2_quick.yaml"
 
 
-def test_a_study_listing_its_arms_selects_with_a_classifier_of_its_own_data_and_resumes(tmp_path, capsys):
+def test_a_study_listing_its_arms_selects_with_a_classifier_of_its_own_data_and_resumes(tmp_path, capsys,
+                                                                                          monkeypatch):
     out = tmp_path / "v2"
     # two commands with disjoint arm lists, as two cores would run them; the report waits for both
     assert study_main([str(V2_QUICK), "--out", str(out), "--arms", "real-s0"]) == 0
@@ -140,6 +142,13 @@ def test_a_study_listing_its_arms_selects_with_a_classifier_of_its_own_data_and_
     generate_store(seeded, fresh, "raw-64img", None, None)
     shard = "shard-00000.images.u8"
     assert (fresh / "stores" / "raw-64img" / shard).read_bytes() == (out / "stores" / "raw-64img" / shard).read_bytes()
+    # The recorded command retrains the same bytes (experiments/study/retrain_generator.py, `make study-v2-generator`).
+    sys.path.insert(0, str(ROOT / "experiments" / "study"))
+    import retrain_generator
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert retrain_generator.main([str(shipped), "--out", str(tmp_path / "retrained")]) == 0
+    assert capsys.readouterr().out.count("identical") == len(spec.generators)
     # Refusals: a study directory with its own EDM, a damaged snapshot, a generator of another study.
     assert study_main([str(V2_QUICK), "--out", str(out), "--generator", str(shipped), "--arms", "real-s0"]) == 2
     assert "trains its own EDM" in capsys.readouterr().err

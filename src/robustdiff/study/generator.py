@@ -36,6 +36,14 @@ def _copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
+def _canonical_copy(src: Path, dst: Path) -> None:
+    """A weights-only network file, saved again as robustdiff saves one today (the same tensors give the same
+    bytes), so the shipped sha256 is the one a retraining reproduces."""
+    from ..utils.io import atomic_torch_save, load_weights
+
+    atomic_torch_save(load_weights(src, "an EDM snapshot", map_location="cpu"), dst)
+
+
 def _read(path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -75,12 +83,13 @@ def ship_generator(spec: DictConfig, out: Path, dest: Path) -> Path:
     snapshots: dict[str, Any] = {}
     for name, kimg in spec.generators.items():
         path, exact = snapshot_path(edm, float(kimg))
-        _copy(path, dest / "snapshots" / path.name)
+        _canonical_copy(path, dest / "snapshots" / path.name)
         grid = edm / "samples" / path.name.replace("network-", "grid-").replace(".pt", ".png")
         if grid.is_file():
             _copy(grid, dest / "samples" / grid.name)
-        snapshots[name] = {"kimg": exact, "file": f"snapshots/{path.name}", "bytes": path.stat().st_size,
-                           "sha256": file_sha256(path), "grid": f"samples/{grid.name}" if grid.is_file() else None,
+        snapshots[name] = {"kimg": exact, "file": f"snapshots/{path.name}",
+                           "bytes": (dest / "snapshots" / path.name).stat().st_size,
+                           "sha256": file_sha256(dest / "snapshots" / path.name), "grid": f"samples/{grid.name}" if grid.is_file() else None,
                            "quality": _measured(spec, out, name)}
     run = _read(edm / "run.json", "the EDM run's run.json") if (edm / "run.json").is_file() else {}
     timing = _read(out / "timing.json", "timing") if (out / "timing.json").is_file() else {}

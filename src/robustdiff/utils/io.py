@@ -77,8 +77,10 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     import torch  # here, so numpy-only tools (the store CLI) don't pay torch's import
 
     try:
-        with atomic_path(path) as tmp:
-            torch.save(obj, tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            # Through a file object, torch names the archive's records "archive/..." instead of after the (random)
+            # temporary file name: the same tensors give the same bytes, so a file's sha256 identifies its content.
+            torch.save(obj, f)
     except (RuntimeError, OSError) as e:
         raise disk_error(path, e) from e
 
