@@ -15,21 +15,16 @@ from conftest import compose_train
 from robustdiff.cli.fid import main as fid_main
 from robustdiff.data.datasets import load_split
 from robustdiff.data.store import StoreWriter, quality_summary, store_info
-from robustdiff.evaluation.generative import (
-    INCEPTION_URL,
-    InceptionFeatures,
+from robustdiff.evaluation.features import INCEPTION_URL, InceptionFeatures, feature_extractor, load_inception
+from robustdiff.evaluation.frechet import (
     QualityError,
     Statistics,
-    batches_of,
     compute_statistics,
-    feature_extractor,
     frechet_distance,
-    label_agreement,
-    load_inception,
     load_statistics,
     save_statistics,
-    score_store,
 )
+from robustdiff.evaluation.generative import batches_of, label_agreement, score_store
 from robustdiff.training.run import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

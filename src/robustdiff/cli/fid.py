@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run_ref(args: argparse.Namespace) -> dict:
     from ..data.datasets import get_info, load_split
     from ..data.store import check_new_file
-    from ..evaluation.generative import QualityError, batches_of, compute_statistics, feature_extractor, save_statistics
+    from ..evaluation.features import feature_extractor
+    from ..evaluation.frechet import QualityError, compute_statistics, save_statistics
+    from ..evaluation.generative import batches_of
 
     out = check_new_file(args.out, args.overwrite, what="--out")  # before any feature is computed
     info = get_info(args.dataset)
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ..data.datasets import DatasetError
     from ..data.store import StoreError
-    from ..evaluation.generative import QualityError
+    from ..evaluation.frechet import QualityError
 
     try:
         (run_ref if args.command == "ref" else run_score)(args)

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from ..evaluation.generative import QualityError
+    from ..evaluation.frechet import QualityError
     from ..study import StudyError, run_study
     from ..utils.lock import DirectoryLockedError
 

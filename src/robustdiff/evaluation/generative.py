@@ -1,32 +1,22 @@
-"""Generator quality (docs/method.md, "The generator (EDM)"): FID as EDM computes it, classifier FD, label agreement.
+"""Generator quality of a store (docs/method.md, "The generator (EDM)"): the entry points ``robustdiff-fid``,
+``robustdiff-study`` and ``robustdiff-demo`` call.
 
-* **Statistics** of a set of images are the mean μ and covariance Σ (float64) of its features, accumulated
-  by ``torchmetrics.image.fid.FrechetInceptionDistance`` (sums of features and of their outer products in
-  float64), exactly as EDM's ``fid.py``: μ = Σx / n, Σ = (Σxxᵀ − n·μμᵀ) / (n − 1).
-* **Fréchet distance** between two sets of statistics, EDM's formula:
-  ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2·sqrtm(Σ₁Σ₂)), with ``scipy.linalg.sqrtm`` and the real part.
-* **Feature spaces**:
-  - ``inception``: Inception-v3 pool3 (2048-d), torch-fidelity's port of the TF FID network as used by
-    torchmetrics. Its weights can't be downloaded at run time here: pass a local file (``inception_weights``)
-    or put it where torch.hub caches it; the file is read with ``weights_only=True``. FID with this network
-    and 50,000 generated images against training-set statistics is the number EDM and the paper report.
-  - ``classifier``: the penultimate features of a WideResNet trained by robustdiff on the real data (a run
-    directory or a state dict). Works offline for every dataset; the numbers rank generators of one dataset
-    *measured with the same classifier* only, so every result records the classifier file's sha256.
-* **Label agreement**: accuracy of a classifier on generated images against the labels they were
-  generated for, overall and per class.
+* ``score_store``: FD of a store's first ``n`` images against reference statistics — FID with Inception
+  features, classifier FD with a robustdiff classifier's — plus label agreement when a classifier is given,
+  recorded in the store's manifest.
+* ``label_agreement``: accuracy of a classifier on generated images against the labels they were generated
+  for, overall and per class.
+* ``real_floor`` / ``reference_and_floor``: the same measurement on *real* held-out images, what a perfect
+  generator of that many images would score, and the reference statistics it is measured against.
 
-Reference statistics are ``.npz`` files with ``mu`` and ``sigma`` (EDM's ``fid-refs/*.npz`` layout, so EDM's
-published CIFAR-10 file loads as is); robustdiff also stores a ``meta`` JSON string (feature space,
-classifier sha256, source of the images) that ``score`` checks before comparing.
+The statistics and the distance are in ``robustdiff.evaluation.frechet``, the feature networks in
+``robustdiff.evaluation.features``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,204 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..utils.io import UnreadableWeightsError, atomic_path, file_sha256, load_weights
+from .features import feature_extractor
+from .frechet import QualityError, Statistics, compute_statistics, load_statistics, resolve_device, save_statistics
 
-FEATURE_KINDS = ("inception", "classifier")
-# torch-fidelity's converted TF-Inception weights (what torchmetrics' FID downloads when it can).
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 DEFAULT_N = 50_000  # generated images per FID, as EDM and the paper
-
-
-class QualityError(ValueError):
-    """Bad input to a generator-quality measurement; the message names the file or field and the fix."""
-
-
-# ---------------------------------------------------------------------------------------------------- math
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2·sqrtm(Σ₁Σ₂)) in float64, the real part (EDM's ``fid.py``)."""
-    import scipy.linalg
-
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
-        raise QualityError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
-                           f"{sigma2.shape} (features of different networks?)")
-    m = np.square(mu1 - mu2).sum()
-    s = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    return float(np.real(m + np.trace(sigma1 + sigma2 - 2 * s)))
-
-
-@dataclass
-class Statistics:
-    """μ (D,) and Σ (D, D) in float64 of ``n`` images' features, and what they were computed from."""
-
-    mu: np.ndarray
-    sigma: np.ndarray
-    n: int
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def distance(self, other: Statistics) -> float:
-        return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
-
-
-def save_statistics(path: str | os.PathLike, stats: Statistics) -> Path:
-    """Write ``mu``, ``sigma`` (EDM's layout) plus ``n`` and a ``meta`` JSON string, atomically."""
-    path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n),
-                 meta=np.array(json.dumps(stats.meta, sort_keys=True)))
-    return path
-
-
-def load_statistics(path: str | os.PathLike) -> Statistics:
-    """Reference statistics from an ``.npz`` with ``mu`` and ``sigma`` (EDM's or ours); never unpickles."""
-    path = Path(path)
-    if not path.is_file():
-        raise QualityError(f"reference statistics {path}: no such file (make one with `robustdiff-fid ref`, or use "
-                           f"EDM's fid-refs/*.npz)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "mu" not in z or "sigma" not in z:
-                raise QualityError(f"reference statistics {path}: needs arrays 'mu' and 'sigma' (EDM's fid-refs "
-                                   f"layout), found {sorted(z.files)}")
-            mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
-            n = int(z["n"]) if "n" in z else 0
-            meta = json.loads(str(z["meta"])) if "meta" in z else {"features": "inception", "source": "external"}
-    except (OSError, ValueError) as e:
-        if isinstance(e, QualityError):
-            raise
-        raise QualityError(f"reference statistics {path}: not a readable .npz ({e})") from e
-    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-        raise QualityError(f"reference statistics {path}: mu is {mu.shape} and sigma {sigma.shape}; expected (D,) "
-                           f"and (D, D)")
-    return Statistics(mu, sigma, n, meta)
-
-
-# ---------------------------------------------------------------------------------------------------- networks
-
-
-class ClassifierFeatures(nn.Module):
-    """uint8 images (B, C, H, W) -> penultimate WideResNet features (B, 64·width), eval mode, fp32."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model.eval().requires_grad_(False)
-        self.num_features = int(model.logits.in_features)
-
-    def train(self, mode: bool = True) -> ClassifierFeatures:
-        return super().train(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.features(x.float() / 255.0)
-
-
-class InceptionFeatures(nn.Module):
-    """uint8 images (B, C, H, W), any size -> Inception-v3 pool3 features (B, 2048); grey images are tiled to RGB.
-
-    The network is torchmetrics' ``NoTrainInceptionV3`` (torch-fidelity's TF-FID port, which resizes to
-    299×299 internally as the TF graph did). Weights come from ``state`` (a state dict) or stay randomly
-    initialised (``state=None``, tests only): nothing is downloaded and nothing is unpickled.
-    """
-
-    num_features = 2048
-
-    def __init__(self, state: dict[str, torch.Tensor] | None):
-        super().__init__()
-        self.net = _build_inception(state)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return self.net(x.contiguous())
-
-
-_KEEP_INIT = object()
-
-
-def _build_inception(state: dict[str, torch.Tensor] | None) -> nn.Module:
-    try:
-        import torch_fidelity.feature_extractor_inceptionv3 as tfi
-        from torchmetrics.image.fid import NoTrainInceptionV3
-    except ImportError as e:  # pragma: no cover - a dependency of the package
-        raise QualityError("Inception features need torch-fidelity: pip install torch-fidelity") from e
-
-    class _Inception(NoTrainInceptionV3):
-        def load_state_dict(self, state_dict, *args, **kwargs):
-            if state_dict is _KEEP_INIT:
-                return None
-            return super().load_state_dict(state_dict, *args, **kwargs)
-
-    # torch-fidelity would download the weights (or torch.load a path without weights_only): hand it ours.
-    original = tfi.load_state_dict_from_url
-    tfi.load_state_dict_from_url = lambda *a, **k: _KEEP_INIT if state is None else state
-    try:
-        return _Inception(name="inception-v3-compat", features_list=["2048"])
-    finally:
-        tfi.load_state_dict_from_url = original
-
-
-def find_inception_weights(path: str | os.PathLike | None) -> Path:
-    """The local Inception weights file: ``path``, else torch.hub's cache; a clear error when there is none."""
-    candidates = [Path(path).expanduser()] if path else []
-    candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
-    for c in candidates:
-        if c.is_file():
-            return c
-    where = "\n  ".join(str(c) for c in candidates)
-    raise QualityError(
-        f"Inception-v3 weights for FID not found. Looked in:\n  {where}\n"
-        f"Download {INCEPTION_URL} (torch-fidelity's port of the TF FID network, 91 MB) on a machine with "
-        f"internet, copy it here and pass --inception-weights PATH (or inception_weights=PATH), or put it in "
-        f"torch.hub's cache above. No weights: use --features classifier (classifier FD) instead.")
-
-
-def load_inception(path: str | os.PathLike | None) -> tuple[InceptionFeatures, dict[str, Any]]:
-    weights = find_inception_weights(path)
-    try:
-        state = load_weights(weights, f"Inception weights (use torch-fidelity's {INCEPTION_FILE})")
-    except UnreadableWeightsError as e:
-        raise QualityError(str(e)) from None
-    try:
-        module = InceptionFeatures(state)
-    except RuntimeError as e:
-        raise QualityError(f"Inception weights {weights}: do not fit torch-fidelity's Inception-v3 ({e}); use "
-                           f"{INCEPTION_FILE}") from e
-    return module, {"features": "inception", "weights": str(weights), "weights_sha256": file_sha256(weights)}
-
-
-def load_feature_classifier(path: str | os.PathLike, dataset: str | None, num_classes: int | None = None,
-                            channels: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """A robustdiff-trained WideResNet (run directory or state dict) and a description that names its file."""
-    from ..diffusion.generation_inputs import GenerationError, load_classifier
-
-    path = Path(path)
-    weights = path / "model.pt" if path.is_dir() else path
-    try:
-        if num_classes is None or channels is None:
-            state = torch.load(weights, map_location="cpu", weights_only=True) if weights.is_file() else {}
-            num_classes = num_classes or (state["logits.weight"].shape[0] if "logits.weight" in state else 0)
-            channels = channels or (state["init_conv.weight"].shape[1] if "init_conv.weight" in state else 0)
-        model = load_classifier(path, dataset, int(num_classes), int(channels))
-    except GenerationError as e:
-        raise QualityError(str(e).replace("classifier=", "classifier ")) from e
-    meta = {"classifier": str(path), "classifier_sha256": file_sha256(weights),
-            "classifier_model": f"wrn-{model.depth}-{model.width}"}
-    if path.is_dir() and (path / "summary.json").is_file():
-        summary = json.loads((path / "summary.json").read_text())
-        meta["classifier_test_clean_acc"] = summary.get("test_clean_acc_best")
-    return model, meta
-
-
-# ---------------------------------------------------------------------------------------------------- statistics
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def batches_of(images: np.ndarray, labels: np.ndarray | None = None, batch_size: int = 500
@@ -248,35 +44,10 @@ def store_batches(store, n: int | None = None, batch_size: int = 500) -> Iterato
         yield store.get(np.arange(a, min(a + batch_size, total)))
 
 
-def compute_statistics(extractor: nn.Module, batches: Iterable[tuple[np.ndarray, Any]], *,
-                       device: str | torch.device | None = "cpu", meta: dict[str, Any] | None = None,
-                       progress: bool = False, total: int | None = None) -> Statistics:
-    """μ, Σ of ``extractor``'s features of uint8 (b, H, W, C) image batches, accumulated by torchmetrics' FID."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    dev = _device(device)
-    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=True).to(dev)
-    bar = _bar(total, "features", progress)
-    with torch.inference_mode():
-        for images, _ in batches:
-            x = torch.from_numpy(np.ascontiguousarray(images)).to(dev).permute(0, 3, 1, 2)
-            metric.update(x, real=False)
-            bar.update(len(images))
-    bar.close()
-    n = int(metric.fake_features_num_samples)
-    if n < 2:
-        raise QualityError(f"statistics need at least 2 images, got {n}")
-    total_sum = metric.fake_features_sum.double().cpu().numpy()
-    cov_sum = metric.fake_features_cov_sum.double().cpu().numpy()
-    mu = total_sum / n
-    sigma = (cov_sum - n * np.outer(mu, mu)) / (n - 1)
-    return Statistics(mu, sigma, n, dict(meta or {}))
-
-
 def label_agreement(classifier: nn.Module, batches: Iterable[tuple[np.ndarray, np.ndarray]], num_classes: int, *,
                     device: str | torch.device | None = "cpu") -> dict[str, Any]:
     """Accuracy of ``classifier`` on images against their (conditioning) labels: overall and per class."""
-    dev = _device(device)
+    dev = resolve_device(device)
     classifier = classifier.to(dev).eval()
     correct = np.zeros(num_classes, np.int64)
     count = np.zeros(num_classes, np.int64)
@@ -291,44 +62,6 @@ def label_agreement(classifier: nn.Module, batches: Iterable[tuple[np.ndarray, n
     per_class = [float(c / k) if k else None for c, k in zip(correct, count)]
     return {"label_agreement": float(correct.sum() / max(count.sum(), 1)), "per_class": per_class,
             "n": int(count.sum()), "confusion": confusion.tolist()}
-
-
-def _bar(total: int | None, desc: str, enabled: bool):
-    if not enabled:
-        return _Null()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
-
-
-class _Null:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-# ---------------------------------------------------------------------------------------------------- one call
-
-
-def feature_extractor(kind: str, *, inception_weights: str | os.PathLike | None = None,
-                      classifier: str | os.PathLike | None = None, dataset: str | None = None,
-                      num_classes: int | None = None, channels: int | None = None,
-                      ) -> tuple[nn.Module, dict[str, Any], nn.Module | None]:
-    """(feature module, description, the classifier or None) for ``kind`` in FEATURE_KINDS."""
-    if kind not in FEATURE_KINDS:
-        raise QualityError(f"features={kind!r}: choose inception (FID) or classifier (classifier FD)")
-    clf, clf_meta = (None, {})
-    if classifier is not None:
-        clf, clf_meta = load_feature_classifier(classifier, dataset, num_classes, channels)
-    if kind == "classifier":
-        if clf is None:
-            raise QualityError("features=classifier needs a classifier: a robustdiff-train run directory trained on "
-                               "the real data (e.g. loss=ce) or a WideResNet state dict (--classifier PATH)")
-        return ClassifierFeatures(clf), {"features": "classifier", **clf_meta}, clf
-    module, meta = load_inception(inception_weights)
-    return module, meta, clf
 
 
 def check_same_space(ref: Statistics, meta: dict[str, Any], ref_path: str | os.PathLike) -> None:
@@ -387,14 +120,6 @@ def real_floor(extractor: nn.Module, classifier: nn.Module, ref: Statistics, ima
             "label_agreement": agree["label_agreement"], "label_agreement_per_class": agree["per_class"], **meta}
 
 
-__all__ = [
-    "FEATURE_KINDS", "DEFAULT_N", "QualityError", "Statistics", "frechet_distance", "save_statistics",
-    "load_statistics", "ClassifierFeatures", "InceptionFeatures", "load_inception", "find_inception_weights",
-    "load_feature_classifier", "compute_statistics", "label_agreement", "batches_of", "store_batches",
-    "feature_extractor", "check_same_space", "score_store", "real_floor",
-]
-
-
 def reference_and_floor(classifier: str | os.PathLike, dataset: str, data_dir: str | os.PathLike | None,
                         ref_path: str | os.PathLike, reference: tuple[str, int, int], floor: tuple[str, int, int]
                         ) -> dict[str, Any]:
@@ -423,3 +148,9 @@ def reference_and_floor(classifier: str | os.PathLike, dataset: str, data_dir: s
     result = real_floor(features, clf, load_statistics(ref_path), images, labels, info.num_classes, source, meta)
     result["reference"] = str(ref_path)
     return result
+
+
+__all__ = [
+    "DEFAULT_N", "batches_of", "store_batches", "label_agreement", "check_same_space", "score_store", "real_floor",
+    "reference_and_floor",
+]

@@ -135,9 +135,3 @@ def _file_sha256(f: Path) -> str:
         while block := fh.read(_HASH_BLOCK):
             h.update(block)
     return h.hexdigest()
-
-
-def _progress(total: int, desc: str, enabled: bool, unit: str = "img"):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled, dynamic_ncols=True)

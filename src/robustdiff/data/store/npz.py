@@ -12,6 +12,7 @@ from typing import BinaryIO
 import numpy as np
 
 from robustdiff.utils.io import atomic_path
+from robustdiff.utils.progress import progress_bar
 
 from .format import (
     _HASH_BLOCK,
@@ -22,7 +23,6 @@ from .format import (
     NPZ_CHUNK,
     StoreError,
     _fmt_shape,
-    _progress,
     _read_manifest,
 )
 from .reader import GeneratedStore
@@ -224,7 +224,7 @@ def import_npz(
     writer = StoreWriter(out_path, shape, num_classes, shard_size=shard_size, provenance=prov)
     done = writer.count
     try:
-        with _progress(total, f"import → {out_path.name}", progress) as bar:
+        with progress_bar(total, f"import → {out_path.name}", progress) as bar:
             bar.update(done)
             skip = done
             for path, part in zip(paths, parts):
@@ -299,7 +299,7 @@ def export_npz(store_path: str | os.PathLike, out_npz: str | os.PathLike, progre
 
     with (
         atomic_path(out_npz) as tmp,
-        _progress(n, f"export → {Path(out_npz).name}", progress) as bar,
+        progress_bar(n, f"export → {Path(out_npz).name}", progress) as bar,
         zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
     ):
         _write_npy_stream(zf, "image", (n, *store.image_shape), IMAGE_DTYPE, image_blocks(bar))

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from robustdiff.utils.progress import progress_bar
+
 from .format import (
     _HASH_BLOCK,
     IMAGE_DTYPE,
@@ -20,7 +22,6 @@ from .format import (
     MANIFEST,
     StoreError,
     _fmt_shape,
-    _progress,
     _read_manifest,
     _shard_offsets,
 )
@@ -239,7 +240,7 @@ def verify_store(path: str | os.PathLike, progress: bool = False) -> list[str]:
     image_bytes = int(np.prod(shape))
     counts = np.zeros(num_classes, dtype=np.int64)
     total_bytes = sum(int(s["images_bytes"]) + int(s["labels_bytes"]) for s in manifest["shards"])
-    with _progress(total_bytes, "verify", progress, unit="B") as bar:
+    with progress_bar(total_bytes, "verify", progress, unit="B") as bar:
         for s in manifest["shards"]:
             for key, per_item in (("images", image_bytes), ("labels", LABEL_DTYPE.itemsize)):
                 f = path / s[key]
