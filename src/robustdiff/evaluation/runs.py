@@ -122,28 +122,13 @@ def pgd_steps(run: Run) -> int | None:
 
 # --- sweeps ------------------------------------------------------------------------------------------
 
-# run.json fields that tell runs apart when they predate run.json's "identity" (flat config without the keys
-# that may change on resume).
-_LEGACY_IDENTITY = ("dataset", "model", "norm", "loss", "generated", "ratio", "generated_sampling", "epochs",
-                    "batch_size", "lr", "beta", "seed", "limit_train", "val_size")
 _NOISE = ("name", "data_dir", "generated_quality")  # never the point of a sweep
 
 
 def _flat(config: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(config.get("identity"), dict):
-        return dict(config["identity"])
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}.{k}")
-        else:
-            flat[prefix] = node
-
-    for key in _LEGACY_IDENTITY:
-        walk(config.get(key), key)
-    return flat
+    """run.json's ``identity``: the flat settings that make the run what it is (empty where a run has none)."""
+    identity = config.get("identity")
+    return dict(identity) if isinstance(identity, dict) else {}
 
 
 def swept_settings(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:

@@ -344,9 +344,6 @@ class AdversarialTraining(pl.LightningModule):
         self._epoch_lr = state.get("epoch_lr", self.lr)
         self.stopped_early = state.get("stopped_early")
         saved = state.get("train_metrics")
-        if saved is None and state.get("train_sums") is not None:  # checkpoints of earlier versions
-            sums = state["train_sums"]
-            saved = {k: torch.stack([sums[i], sums[5]]) for i, k in enumerate(TRAIN_METRICS)}
         for k, m in self.train_metrics.items():
             m.reset()
             if saved is not None and k in saved:
@@ -380,8 +377,4 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def attack_from_config(norm: dict) -> AttackConfig:
-    return AttackConfig(norm=norm["name"], eps=float(norm["eps"]), step=float(norm["step"]), steps=int(norm["steps"]))
-
-
-__all__ = ["AdversarialTraining", "attack_from_config", "step_seed"]
+__all__ = ["AdversarialTraining", "step_seed"]
