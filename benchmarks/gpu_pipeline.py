@@ -9,8 +9,9 @@ the JSON as soon as it ends (a failing or cut stage records its error and the ch
              training stages are compared with); EDM DDPM++ sampling fp32 / bf16 / fp16 with pixel differences
   train      robustdiff-train (gpu_train_probe.py: the real entry point plus a step timer): WRN-28-10,
              batch 512, Fashion-MNIST + a synthetic generated store (ratio 0.3), precision=bf16-mixed
-             channels_last=true, 2 short epochs; stopped mid-epoch 2 (interrupt_after_steps), then resumed
-             from last.ckpt by the same command. End-to-end images/s, its ratio to the bare step, eval s/epoch
+             channels_last=true, 2 short epochs; stopped mid-epoch 2 by a SIGTERM it sends itself (the test
+             aid of tests/aids, through PYTHONPATH), then resumed from last.ckpt by the same command.
+             End-to-end images/s, its ratio to the bare step, eval s/epoch
   train_reduce_overhead
              the train stage (one epoch, no resume) with compile=reduce-overhead (CUDA graphs, with the
              attack's graph switches), and which graphs torch.compile says it skipped
@@ -42,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # the synthetic store and network are written with robustdiff's own code
 BENCH = ROOT / "benchmarks"
+AIDS = ROOT / "tests" / "aids"  # the test aids (sitecustomize.py installs those its AIDS_* variables name)
 # The order is the priority: a stage that would start with under 15 s of the budget left is skipped.
 STAGES = ("math", "train", "train_reduce_overhead", "eval", "ddp", "generate", "train_compile")
 # The most seconds each stage may take on one H100/H200; together more than the 8 minutes, since most stages
@@ -58,6 +60,14 @@ def stop(proc: subprocess.Popen) -> int:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         return proc.wait()
+
+
+def stop_after_steps(steps: int) -> dict[str, str]:
+    """The environment in which robustdiff-train sends itself a real SIGTERM after optimiser step ``steps``
+    (saves last.ckpt at that step and exits 143), as a ``kill`` at that moment would: the test aid
+    robustdiff_aids.stop_after_steps, installed at start-up by tests/aids/sitecustomize.py."""
+    path = [str(AIDS), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    return {"PYTHONPATH": os.pathsep.join(path), "AIDS_STOP_AFTER_STEPS": str(steps)}
 
 
 def _terminate(signum, frame):
@@ -264,7 +274,7 @@ class Check:
         ipe = self.iterations_per_epoch(self.val + self.batch * self.steps_per_epoch)
         stop_at = ipe + ipe // 2
         r: dict = {"runs": [], "iterations_per_epoch": ipe, "interrupted_at_step": stop_at}
-        first = self.train_run("train", "train", 2, {"interrupt_after_steps": stop_at}, box,
+        first = self.train_run("train", "train", 2, {}, box, env=stop_after_steps(stop_at),
                                ok_codes=(0, 128 + signal.SIGTERM))
         r["runs"].append(first)
         ckpt = self.work / "runs" / "train" / "checkpoints" / "last.ckpt"

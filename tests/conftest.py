@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "src" / "robustdiff" / "conf"  # package data (pkg://robustdiff.conf)
 EXPERIMENTS_DIR = CONF_DIR  # the recipes are its `experiment` group
+AIDS_DIR = ROOT / "tests" / "aids"  # test aids (robustdiff_aids): the product has no testing hooks
+sys.path.insert(0, str(AIDS_DIR))
 
 # Two cores: keep torch from oversubscribing them when pytest and DDP workers run side by side.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -40,6 +43,24 @@ def one_thread():
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)
+
+
+@pytest.fixture
+def stop_after(monkeypatch):
+    """``stop_after(n)``: from then on in this test, a training run sends itself a real SIGTERM once it has done
+    ``n`` optimiser steps (``stop_after(None)``: no more), as a user's ``kill`` would."""
+    import robustdiff_aids
+
+    return lambda steps: robustdiff_aids.stop_after_steps(steps, patch=monkeypatch.setattr)
+
+
+@pytest.fixture
+def crash_after(monkeypatch):
+    """``crash_after(name, at)``: from then on in this test, a training run raises ``robustdiff_aids.Crash`` right
+    after publishing ``name`` at epoch (EDM: optimiser step) ``at``; ``crash_after(None)``: no more."""
+    import robustdiff_aids
+
+    return lambda name, at=None: robustdiff_aids.crash_after(name, at, patch=monkeypatch.setattr)
 
 
 def run_files(run: Path) -> dict:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping
+from robustdiff_aids import Crash
 
 from conftest import CONF_DIR, TINY, compose_train
-from robustdiff.training.callbacks import KILL_ENV, SimulatedKill
 from robustdiff.training.run import ConfigError, config_identity, make_trainer, train, user_callbacks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,13 +60,13 @@ def test_bad_callback_entries_are_refused_before_any_work(overrides, message, tm
     assert not run.exists()
 
 
-def test_early_stopping_finishes_the_run_and_a_rerun_has_nothing_to_do(tmp_path, capsys, monkeypatch):
+def test_early_stopping_finishes_the_run_and_a_rerun_has_nothing_to_do(tmp_path, capsys, crash_after):
     run = tmp_path / "run"
     cfg = (*SMALL, *ES, "callbacks.early_stopping.patience=1", "epochs=3")
-    monkeypatch.setenv(KILL_ENV, "summary.json@2")  # a crash after summary.json, before the epoch's last.ckpt
-    with pytest.raises(SimulatedKill):
+    crash_after("summary.json", 2)  # a crash after summary.json, before the epoch's last.ckpt
+    with pytest.raises(Crash):
         train(compose_train(*cfg), run)
-    monkeypatch.delenv(KILL_ENV)
+    crash_after(None)
     assert json.loads((run / "summary.json").read_text())["stopped_early"]["epoch"] == 2
     summary = train(compose_train(*cfg), run)  # last.ckpt (epoch 1) is the commit record: epoch 2 again, stop again
     stopped = summary["stopped_early"]
@@ -88,15 +88,18 @@ def test_early_stopping_finishes_the_run_and_a_rerun_has_nothing_to_do(tmp_path,
         train(compose_train(*SMALL, *ES, "epochs=3"), run)
 
 
-def test_interrupted_run_resumes_with_the_patience_count_it_had(tmp_path):
+def test_interrupted_run_resumes_with_the_patience_count_it_had(tmp_path, stop_after):
     """patience 2: epoch 1 improves, epochs 2 and 3 do not -> stop after epoch 3 of 4. A signal in epoch 1 (no
     metric yet) stops cleanly; a signal in epoch 3 saves wait_count 1 in last.ckpt; the resumed run stops
     after epoch 3 (a count restarted at 0 would run to epoch 4 and finish normally)."""
     run = tmp_path / "run"
     cfg = (*SMALL, *ES, "callbacks.early_stopping.patience=2", "epochs=4")
-    assert train(compose_train(*cfg, "interrupt_after_steps=2"), run)["interrupted"]
-    assert train(compose_train(*cfg, "interrupt_after_steps=12"), run)["interrupted"]
+    stop_after(2)
+    assert train(compose_train(*cfg), run)["interrupted"]
+    stop_after(12)
+    assert train(compose_train(*cfg), run)["interrupted"]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["robustdiff"]["consumed"] == [2, 2] and ckpt["callbacks"][ES_KEY]["wait_count"] == 1
+    stop_after(None)
     summary = train(compose_train(*cfg), run)
     assert summary["finished"] and summary["stopped_early"]["epoch"] == 3 and summary["last_epoch"] == 3

@@ -147,12 +147,14 @@ def test_run_with_a_short_batch_records_its_split(tmp_path):
     assert desc["identity"]["val_split"] == "stratified" and desc["identity"]["last_batch"] == "reference"
 
 
-def test_resume_right_before_the_short_batch_is_exact(tmp_path):
+def test_resume_right_before_the_short_batch_is_exact(tmp_path, stop_after):
     # 266 real images, batch 32: step 8 of 11 is the short batch (10 images); stop after 8 steps, resume there
     common = (*TINY, "epochs=1", "limit_train=330")
     straight = train(compose_train(*common), tmp_path / "straight")
-    stopped = train(compose_train(*common, "interrupt_after_steps=8"), tmp_path / "resumed")
+    stop_after(8)
+    stopped = train(compose_train(*common), tmp_path / "resumed")
     assert straight["finished"] and stopped.get("interrupted")
+    stop_after(None)
     assert train(compose_train(*common), tmp_path / "resumed")["finished"]
     a, b = (torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
             for d in ("straight", "resumed"))

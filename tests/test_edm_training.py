@@ -103,12 +103,13 @@ def test_a_run_shorter_than_its_logging_interval_says_it_will_have_no_loss_curve
 
 
 @needs_data
-def test_interrupted_run_resumes_exactly(tmp_path):
+def test_interrupted_run_resumes_exactly(tmp_path, stop_after):
     cfg = config("edm.duration_kimg=0.096", "edm.snapshot_kimg=1")  # 6 steps; snapshot only at the end
     train_edm(cfg, tmp_path / "straight")
-    stopped = train_edm(config("edm.duration_kimg=0.096", "edm.snapshot_kimg=1", "interrupt_after_steps=3"),
-                        tmp_path / "resumed")
+    stop_after(3)
+    stopped = train_edm(cfg, tmp_path / "resumed")
     assert stopped.get("interrupted") and stopped["steps"] == 3 and not stopped["finished"]
+    stop_after(None)
     assert train_edm(cfg, tmp_path / "resumed")["finished"]
 
     a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)

@@ -14,9 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from robustdiff_aids import aids_env
 
 from conftest import TINY, compose_train
-from robustdiff.training.callbacks import SIGNAL_ENV, RunCheckpoint
+from robustdiff.training.callbacks import RunCheckpoint
 from robustdiff.training.run import ConfigError, make_trainer, revalidate, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -135,15 +136,15 @@ def test_slurm_requeue_signal_saves_requeues_through_lightning_and_resumes(tmp_p
     scontrol.chmod(0o755)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{bin_dir}:{os.environ['PATH']}",
            "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "robustdiff", "SLURM_PROCID": "0",
-           "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "ROBUSTDIFF_REQUEUE_WAIT": "0", SIGNAL_ENV: "10@3"}
+           "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "ROBUSTDIFF_REQUEUE_WAIT": "0"}
     env.pop("SLURM_ARRAY_JOB_ID", None)
+    signalled = aids_env(env, self_signal=(10, 3))  # SIGUSR1 after optimiser step 3
     argv = [str(CLI), *SMALL, "epochs=1", f"run_root={tmp_path}", "name=run"]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=signalled, timeout=300)
     assert proc.returncode == 128 + 10, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert calls.read_text().split() == ["requeue", "4242"]
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["robustdiff"]["consumed"] == [0, 3]
-    env.pop(SIGNAL_ENV)
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "resuming" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["finished"]

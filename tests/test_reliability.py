@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from robustdiff_aids import Crash, aids_env
 
 from conftest import TINY, compose_train, run_files, same
-from robustdiff.training.callbacks import KILL_ENV, SimulatedKill
 from robustdiff.training.run import ConfigError, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,13 +36,13 @@ def straight(tmp_path_factory):
 
 @pytest.mark.parametrize("point,epochs", [(p, 1) for p in POINTS] + [("model.pt", 2), ("summary.json", 2)])
 def test_crash_at_every_publication_point_then_rerun_equals_a_straight_run(point, epochs, straight, tmp_path,
-                                                                          monkeypatch):
+                                                                          crash_after):
     run = tmp_path / "run"
     cfg = compose_train(*TINY, f"epochs={epochs}")
-    monkeypatch.setenv(KILL_ENV, f"{point}@{epochs}")
-    with pytest.raises(SimulatedKill):
+    crash_after(point, epochs)
+    with pytest.raises(Crash):
         train(cfg, run)
-    monkeypatch.delenv(KILL_ENV)
+    crash_after(None)
     (run / "checkpoints" / ".last.ckpt.zz99zz99.tmp").write_bytes(b"half")  # as a kill mid-write leaves
     # The crash left files of the last epoch published before last.ckpt; the rerun must not take them for a
     # finished run (the reported defect), and must end exactly where a straight run ends.
@@ -67,15 +67,15 @@ def edm_config(*overrides: str):
 
 
 @pytest.mark.parametrize("point", ["network.pt", "summary.json", "last.ckpt"])
-def test_edm_crash_at_the_last_snapshot_then_rerun_equals_a_straight_run(point, tmp_path, monkeypatch):
+def test_edm_crash_at_the_last_snapshot_then_rerun_equals_a_straight_run(point, tmp_path, crash_after):
     from robustdiff.training.diffusion import train_edm
 
     train_edm(edm_config(), tmp_path / "straight")
     # The last snapshot (step 4 of 4) dies after publishing `point`: summary.json may already say "finished".
-    monkeypatch.setenv(KILL_ENV, f"{point}@4")
-    with pytest.raises(SimulatedKill):
+    crash_after(point, 4)
+    with pytest.raises(Crash):
         train_edm(edm_config(), tmp_path / "run")
-    monkeypatch.delenv(KILL_ENV)
+    crash_after(None)
     summary = train_edm(edm_config(), tmp_path / "run")
     assert summary["finished"] and summary["steps"] == 4
     for name in ("network.pt", "snapshots/network-000000.032.pt", "snapshots/network-000000.064.pt"):
@@ -122,7 +122,7 @@ def test_generation_into_a_store_another_process_writes_is_refused(tmp_path):
     import subprocess
     import sys
 
-    from robustdiff.cli.generate import GenerationError, generate
+    from robustdiff.diffusion.generate import GenerationError, generate
 
     out = tmp_path / "store"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -140,10 +140,12 @@ def test_generation_into_a_store_another_process_writes_is_refused(tmp_path):
 
 @pytest.mark.parametrize("change", ["lr=0.05", "beta=3.0", "label_smoothing=0.2", "ema_decay=0.9",
                                     "weight_decay=0.001", "eval.steps=5", "precision=bf16-mixed"])
-def test_resume_with_a_changed_hyperparameter_is_refused(change, tmp_path):
+def test_resume_with_a_changed_hyperparameter_is_refused(change, tmp_path, stop_after):
     run = tmp_path / "run"
-    first = train(compose_train(*TINY, "epochs=2", "interrupt_after_steps=2"), run)
+    stop_after(2)
+    first = train(compose_train(*TINY, "epochs=2"), run)
     assert first.get("interrupted") and not first["finished"]
+    stop_after(None)
     before = {p.name: p.read_bytes() for p in run.glob("*.json")}
     with pytest.raises(ConfigError, match=rf"{change.split('=')[0]}: run has .* you asked for"):
         train(compose_train(*TINY, "epochs=2", change), run)
@@ -247,29 +249,28 @@ def test_a_signal_saves_exits_non_zero_and_the_rerun_finishes(signum, code, tmp_
     import subprocess
     import sys
 
-    from robustdiff.training.callbacks import SIGNAL_ENV
-
     cli = Path(sys.executable).parent / "robustdiff-train"
     argv = [str(cli), *TINY, "epochs=1", f"run_root={tmp_path}", "name=run"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", SIGNAL_ENV: f"{signum}@3"}
+    env = aids_env({**os.environ, "OMP_NUM_THREADS": "1"}, self_signal=(signum, 3))
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "run the same command again to resume" in proc.stdout
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["robustdiff"]["consumed"] == [0, 3]  # saved at the step boundary, mid-epoch
-    env.pop(SIGNAL_ENV)
+    env = aids_env(env)  # no aids
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "resuming" in proc.stdout, proc.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["finished"]
 
 
-def test_unreadable_checkpoint_is_named_without_torch_advice(tmp_path, capsys):
+def test_unreadable_checkpoint_is_named_without_torch_advice(tmp_path, capsys, stop_after):
     import os
     import subprocess
     import sys
 
     run = tmp_path / "run"
-    train(compose_train(*TINY, "epochs=2", "interrupt_after_steps=2"), run)
+    stop_after(2)
+    train(compose_train(*TINY, "epochs=2"), run)
     last = run / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])  # truncated
     cli = Path(sys.executable).parent / "robustdiff-train"
@@ -334,6 +335,23 @@ def test_a_full_disk_is_reported_as_such_and_leaves_no_half_file(tiny_disk):
     assert not list(tiny_disk.glob("**/*.tmp"))
 
 
+def test_the_same_tensors_saved_twice_are_the_same_bytes(tmp_path):
+    """A saved file's sha256 identifies its content (stores record their generator's and classifier's sha256;
+    shipped generators are checked by it): the temporary file's random name must not leak into the archive."""
+    import hashlib
+
+    import torch
+
+    from robustdiff.utils.io import atomic_torch_save
+
+    obj = {"w": torch.arange(12.0).reshape(3, 4), "kimg": 1.5}
+    atomic_torch_save(obj, tmp_path / "a.pt")
+    atomic_torch_save(obj, tmp_path / "b.pt")
+    digest = [hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("a.pt", "b.pt")]
+    assert digest[0] == digest[1]
+    assert torch.equal(torch.load(tmp_path / "b.pt", weights_only=True)["w"], obj["w"])
+
+
 def test_published_files_get_the_usual_permissions(tmp_path):
     import os
 
@@ -350,7 +368,7 @@ def test_published_files_get_the_usual_permissions(tmp_path):
         os.umask(old)
 
 
-def test_malformed_cifar_batches_and_a_corrupt_run_json_are_named(tmp_path):
+def test_malformed_cifar_batches_and_a_corrupt_run_json_are_named(tmp_path, stop_after):
     import pickle
 
     import numpy as np
@@ -367,7 +385,8 @@ def test_malformed_cifar_batches_and_a_corrupt_run_json_are_named(tmp_path):
         load_split("cifar10", "test", tmp_path)
 
     run = tmp_path / "run"
-    train(compose_train(*TINY, "epochs=2", "interrupt_after_steps=2"), run)
+    stop_after(2)
+    train(compose_train(*TINY, "epochs=2"), run)
     (run / "run.json").write_text('{"dataset": "fashionm')
     with pytest.raises(ConfigError, match=r"run.json: unreadable .*left as it is"):
         train(compose_train(*TINY, "epochs=2"), run)
@@ -553,11 +572,13 @@ def test_an_argument_that_is_not_utf8_is_named_and_hydra_messages_are_kept(tmp_p
     assert proc.returncode == 1 and "Could not override 'nokey'" in proc.stderr and "+nokey=1" in proc.stderr
 
 
-def test_eval_and_export_of_an_unfinished_run_say_so_and_record_it(tmp_path, caplog):
+def test_eval_and_export_of_an_unfinished_run_say_so_and_record_it(tmp_path, caplog, stop_after):
     from robustdiff.cli import evaluate as cli_eval
 
     run = tmp_path / "run"
-    assert train(compose_train(*TINY, "epochs=2", "interrupt_after_steps=12"), run)["interrupted"]
+    stop_after(12)
+    assert train(compose_train(*TINY, "epochs=2"), run)["interrupted"]
+    stop_after(None)
     assert json.loads((run / "summary.json").read_text())["finished"] is False
     (tmp_path / "export").mkdir()
     argv = ["export", str(run), "--out", str(tmp_path / "export" / "model.pt")]

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from robustdiff_aids import aids_env
 
 from conftest import run_files, same
-from robustdiff.training.callbacks import GATE_ENV, SIGNAL_ENV
 
 # 160 images (64 validate) at batch 32: ceil(160 / 32) = 5 optimiser steps per epoch, 2 epochs.
 SMALL = ("model=wrn-10-1", "batch_size=32", "limit_train=160", "val_size=64", "limit_test=64", "norm.steps=1",
@@ -29,9 +29,9 @@ def command(root: Path) -> list[str]:
     return [str(CLI), *SMALL, f"run_root={root}", "name=run"]
 
 
-def env(**extra: str) -> dict:
-    out = {k: v for k, v in os.environ.items() if k not in (GATE_ENV, SIGNAL_ENV)}
-    return {**out, "OMP_NUM_THREADS": "1", **extra}
+def env(**aids) -> dict:
+    """This environment with OMP_NUM_THREADS=1 and the test aids ``aids`` (robustdiff_aids.aids_env)."""
+    return aids_env({**os.environ, "OMP_NUM_THREADS": "1"}, **aids)
 
 
 def signalled_at(root: Path, step: int, signum: int) -> subprocess.CompletedProcess:
@@ -42,7 +42,7 @@ def signalled_at(root: Path, step: int, signum: int) -> subprocess.CompletedProc
     os.mkfifo(gate / "ready")
     os.mkfifo(gate / "go")
     proc = subprocess.Popen(command(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env(**{GATE_ENV: f"{step}:{gate}"}))
+                            env=env(step_gate=(step, gate)))
     ready = os.open(gate / "ready", os.O_RDONLY | os.O_NONBLOCK)
     try:
         line = b""
@@ -98,7 +98,7 @@ def test_real_signals_at_every_kind_of_step_boundary_resume_to_an_uninterrupted_
 @pytest.mark.parametrize("step", [5, 10])
 def test_self_signal_on_an_epochs_last_step_resumes_to_an_uninterrupted_run(step, straight, tmp_path):
     proc = subprocess.run(command(tmp_path), capture_output=True, text=True, timeout=600,
-                          env=env(**{SIGNAL_ENV: f"15@{step}"}))
+                          env=env(self_signal=(15, step)))
     assert proc.returncode == (0 if step == 10 else 143), proc.stdout[-3000:] + proc.stderr[-3000:]
     proc = subprocess.run(command(tmp_path), capture_output=True, text=True, env=env(), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

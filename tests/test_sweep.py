@@ -8,19 +8,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+from robustdiff_aids import aids_vars
+
 from conftest import TINY
 from wandb_records import _chunks
 
 CLI = Path(sys.executable).parent / "robustdiff-train"
 
 
-def sweep(tmp_path: Path, *overrides: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def sweep(tmp_path: Path, *overrides: str, env_extra: dict | None = None,
+          code: int = 0) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}  # W&B offline
     env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})})
     tiny = [o for o in TINY if not any(o.startswith(k.split("=")[0] + "=") for k in overrides)]
     proc = subprocess.run([str(CLI), "-m", *tiny, "epochs=1", f"run_root={tmp_path / 'runs'}", *overrides],
                           capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -49,18 +52,19 @@ def wandb_groups(run_dir: Path) -> set[str]:
 
 
 def test_sweep_resumes_unfinished_jobs_and_groups_wandb_runs(tmp_path):
-    """Both jobs stop after 2 steps (as if killed), the same sweep again resumes them from last.ckpt."""
+    """A SIGTERM after 2 steps stops the sweep in its first job (saved, exit 143); the same sweep again resumes
+    that job from last.ckpt and runs the other."""
     env = {"HOME": str(tmp_path), "WANDB_SILENT": "true"}  # no ~/.netrc login either
     tiny_wandb = ("logger=wandb", "norm=linf,l2")
-    sweep(tmp_path, *tiny_wandb, "interrupt_after_steps=2", env_extra=env)
+    sweep(tmp_path, *tiny_wandb, env_extra={**env, **aids_vars(stop_after_steps=2)}, code=143)
+    (first,) = run_dirs(tmp_path)
+    assert json.loads((first / "run.json").read_text())["norm"]["name"] == "linf"
+    assert (first / "checkpoints" / "last.ckpt").is_file()
+    assert not (first / "summary.json").is_file()  # stopped in the first epoch
+    proc = sweep(tmp_path, *tiny_wandb, env_extra=env)
     dirs = run_dirs(tmp_path)
     assert len(dirs) == 2 and {json.loads((d / "run.json").read_text())["norm"]["name"] for d in dirs} == {"linf", "l2"}
-    for d in dirs:
-        assert (d / "checkpoints" / "last.ckpt").is_file()
-        assert not (d / "summary.json").is_file()  # stopped in the first epoch
-    proc = sweep(tmp_path, *tiny_wandb, env_extra=env)
-    assert run_dirs(tmp_path) == dirs
-    assert proc.stdout.count("resuming") == 2, proc.stdout[-3000:]
+    assert proc.stdout.count("resuming") == 1, proc.stdout[-3000:]  # the first job; the second starts
     for d in dirs:
         assert json.loads((d / "summary.json").read_text())["finished"]
     groups = set.union(*(wandb_groups(d) for d in dirs))
@@ -103,7 +107,7 @@ def test_sweep_names_lead_with_swept_values_and_its_folder_reports_exactly_its_j
     value (which sorts last); the sweep's folder has its multirun.yaml and jobs.txt, and robustdiff-report on
     it reports its two jobs only, not another run in the same run_root."""
     long = ("label_smoothing=0.10000000000000000001", "momentum=0.90000000000000000001")  # ~210 characters in all
-    proc = sweep(tmp_path, *long, "weight_decay=0.0005,0.001", "interrupt_after_steps=1")
+    proc = sweep(tmp_path, *long, "weight_decay=0.0005,0.001")
     dirs = run_dirs(tmp_path)
     assert len(dirs) == 2, dirs
     assert sorted(d.name.split("__")[0] for d in dirs) == ["weight_decay:0.0005", "weight_decay:0.001"]

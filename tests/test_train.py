@@ -17,7 +17,7 @@ def load_weights(run_dir: Path) -> dict:
     return ckpt["state_dict"]
 
 
-def test_two_epochs_equal_interrupted_and_resumed(tmp_path, tiny_overrides):
+def test_two_epochs_equal_interrupted_and_resumed(tmp_path, tiny_overrides, stop_after):
     """2 epochs straight == killed mid-epoch 1, resumed, killed at the end of epoch 1, resumed."""
     straight = tmp_path / "straight"
     cfg = compose_train(*tiny_overrides, "epochs=2")
@@ -25,13 +25,16 @@ def test_two_epochs_equal_interrupted_and_resumed(tmp_path, tiny_overrides):
     assert s1["finished"] and s1["last_epoch"] == 2
 
     resumed = tmp_path / "resumed"
-    out = train(compose_train(*tiny_overrides, "epochs=2", "interrupt_after_steps=4"), resumed)
+    stop_after(4)  # SIGTERM after 4 optimiser steps, then after 12: the same command each time
+    out = train(cfg, resumed)
     assert out.get("interrupted") and not (resumed / "history.json").exists()
     ckpt = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4
-    out = train(compose_train(*tiny_overrides, "epochs=2", "interrupt_after_steps=12"), resumed)
+    stop_after(12)
+    out = train(cfg, resumed)
     assert out.get("interrupted")
     assert len(json.loads((resumed / "history.json").read_text())) == 1  # epoch 1 finished and evaluated
+    stop_after(None)
     s2 = train(cfg, resumed)
     assert s2["finished"]
 

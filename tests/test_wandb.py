@@ -49,6 +49,9 @@ def test_trades_run_summary_artifact_images_and_eval_in_the_same_run(tmp_path, o
     epoch_rows = [r for r in rec["history"] if "epoch/test_clean_acc" in r]
     assert len(epoch_rows) == 1 and 0.0 <= epoch_rows[0]["epoch/val_pgd_acc"] <= 1.0
     assert epoch_rows[0]["epoch/lr"] > 0 and any("train/loss" in r for r in rec["history"])
+    # The one epoch is epoch 1 in W&B as on the console, on step rows and on the epoch's row.
+    assert {r["epoch"] for r in rec["history"] if "epoch" in r} == {1}
+    assert epoch_rows[0]["epoch"] == 1
     cfg = plain(rec["config"])
     assert cfg["model"]["name"] == "wrn-10-1" and cfg["epochs"] == 1
     assert cfg["norm"]["eps"] == pytest.approx(8 / 255) and cfg["norm"]["eps_text"] == "8/255"
@@ -137,14 +140,16 @@ def test_edm_run_job_type_samples_and_network_artifact(tmp_path, offline):
     assert torch.load(run / "network.pt", weights_only=True)["kwargs"]["label_dim"] == 10
 
 
-def test_examples_leave_the_math_alone_and_a_resumed_run_continues_its_wandb_run(tmp_path, offline):
+def test_examples_leave_the_math_alone_and_a_resumed_run_continues_its_wandb_run(tmp_path, offline, stop_after):
     """2 epochs without W&B == 2 epochs with W&B (examples attacked every epoch), stopped mid-epoch 2 and
     resumed; the resumed job logs into the same W&B run."""
     tiny = [o for o in TINY if not o.startswith("logger=")]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(compose_train(*tiny, "epochs=2", "eval.test_every=1", "logger=none"), straight)
     with_wandb = (*tiny, "epochs=2", "eval.test_every=1", "logger=wandb")
-    assert train(compose_train(*with_wandb, "interrupt_after_steps=12"), resumed).get("interrupted")  # 8 steps/epoch
+    stop_after(12)  # 8 steps/epoch
+    assert train(compose_train(*with_wandb), resumed).get("interrupted")
+    stop_after(None)
     assert train(compose_train(*with_wandb), resumed)["finished"]
 
     a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
@@ -171,14 +176,14 @@ def generator(tmp_path_factory):
 
 
 def test_generate_run_counts_grid_and_a_resumed_generation_in_the_same_run(generator, tmp_path, offline):
-    """robustdiff-generate wandb.project=...: an interrupted generation and its rerun log into one W&B run of
+    """robustdiff-generate logger=wandb: an interrupted generation and its rerun log into one W&B run of
     job_type generate (its id in the store's wandb.json); progress per shard, the per-class counts and a grid of
     the finished store; the store is byte for byte the one generated without W&B."""
-    from robustdiff.cli.generate import generate
+    from robustdiff.diffusion.generate import generate
     from test_generate import SHARD, N, config, store_bytes
 
     store = tmp_path / "fmnist-tiny"
-    on = ("wandb.project=robustdiff-test", "wandb.group=gen", "wandb.grid=3")
+    on = ("logger=wandb", "logger.project=robustdiff-test", "logger.group=gen", "logger.examples=3")
     assert generate(config(generator, store, *on, "stop_after_shards=1")) is None
     (first_dir,) = offline_runs(store)
     first = read_run(first_dir)
@@ -223,36 +228,41 @@ def test_generate_wandb_failures_keep_the_images_and_a_missing_wandb_is_refused_
     import wandb
     from wandb.sdk.wandb_run import Run
 
-    from robustdiff.cli.generate import GenerationError, generate
     from robustdiff.data.store import verify_store
+    from robustdiff.diffusion.generate import GenerationError, generate
     from test_generate import config
 
     def down(*args, **kwargs):
         raise RuntimeError("W&B is down")
 
-    on = "wandb.project=robustdiff-test"
+    on = ("logger=wandb", "logger.project=robustdiff-test")
     with offline.context() as patch:
         patch.setattr(Run, "log", down)  # the run starts, then logging fails
-        assert generate(config(generator, tmp_path / "a", on))["complete"]
+        assert generate(config(generator, tmp_path / "a", *on))["complete"]
         assert "W&B logging failed (RuntimeError: W&B is down)" in capsys.readouterr().err
         patch.setattr(wandb, "init", down)  # no run at all
-        assert generate(config(generator, tmp_path / "b", on))["complete"]
+        assert generate(config(generator, tmp_path / "b", *on))["complete"]
         assert "W&B start failed" in capsys.readouterr().err
     assert verify_store(tmp_path / "a") == [] and verify_store(tmp_path / "b") == []
 
     offline.setitem(sys.modules, "wandb", None)  # as if not installed
-    with pytest.raises(GenerationError, match=r"wandb.project=robustdiff-test needs .*pip install 'robustdiff\[wandb\]'"):
-        generate(config(generator, tmp_path / "c", on))
-    with pytest.raises(GenerationError, match="wandb.mode='sometimes'"):
-        generate(config(generator, tmp_path / "c", on, "wandb.mode=sometimes"))
+    with pytest.raises(GenerationError,
+                       match=r"logger=wandb logger.project=robustdiff-test needs .*pip install 'robustdiff\[wandb\]'"):
+        generate(config(generator, tmp_path / "c", *on))
+    with pytest.raises(GenerationError, match="logger.mode='sometimes'"):
+        generate(config(generator, tmp_path / "c", *on, "logger.mode=sometimes"))
+    with pytest.raises(GenerationError, match="logger=csv: robustdiff-generate logs to W&B only"):
+        generate(config(generator, tmp_path / "c", "logger=csv"))
+    with pytest.raises(GenerationError, match="W&B is set twice"):
+        generate(config(generator, tmp_path / "c", *on, "wandb.project=other"))
     assert not (tmp_path / "c").exists()  # refused before any work
     assert generate(config(generator, tmp_path / "c"))["complete"]  # off by default: wandb is not needed
 
 
-def test_generate_with_a_classifier_filter_records_the_run_in_the_candidates(generator, tmp_path, offline):
+def test_generate_with_a_classifier_filter_records_the_run_in_the_candidates(generator, tmp_path, offline, capsys):
     """Filtering: the W&B record and files go into the candidates store (written from the start; ``out`` must stay
     empty until its StoreWriter creates it), the run is named after ``out`` and logs ``out``'s counts."""
-    from robustdiff.cli.generate import generate
+    from robustdiff.diffusion.generate import generate
     from robustdiff.models.wrn import WideResNet
     from test_generate import config
 
@@ -262,7 +272,8 @@ def test_generate_with_a_classifier_filter_records_the_run_in_the_candidates(gen
     torch.save(wrn.state_dict(), run / "model.pt")
     (run / "run.json").write_text(json.dumps({"dataset": "fashionmnist"}))
     manifest = generate(config(generator, tmp_path / "kept", "n=20", f"classifier={run}", "keep_fraction=0.5",
-                               "wandb.project=robustdiff-test"))
+                               "wandb.project=robustdiff-test"))  # the older spelling: works, with a note
+    assert "write logger=wandb logger.project=robustdiff-test" in capsys.readouterr().err
     assert not (tmp_path / "kept" / "wandb.json").exists() and read_record(tmp_path / "kept-candidates")
     (rec,) = [read_run(d) for d in offline_runs(tmp_path / "kept-candidates")]
     assert rec["run"]["name"] == "kept" and rec["run"]["job_type"] == "generate"

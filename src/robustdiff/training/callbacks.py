@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -27,31 +26,6 @@ from ..utils.io import (
     load_weights,
 )
 
-# Testing aid for crash consistency: "<file>" or "<file>@<epoch>" makes the process die (SimulatedKill) right
-# after publishing that file (best.ckpt, model.pt, history, summary.json, last.ckpt) at that epoch
-# (EDM: network.pt, summary.json, last.ckpt at that optimiser step).
-KILL_ENV = "ROBUSTDIFF_KILL_AFTER"
-# Testing aid: "<signum>@<step>" makes the training process send itself that signal after that optimiser step.
-SIGNAL_ENV = "ROBUSTDIFF_SELF_SIGNAL"
-
-# Testing aid: "<step>:<dir>" makes the training process, after that optimiser step, write "<pid> <step>" to the
-# FIFO <dir>/ready and wait for a line on the FIFO <dir>/go, so that another process can signal it at exactly that
-# step boundary.
-GATE_ENV = "ROBUSTDIFF_STEP_GATE"
-
-
-def step_gate(step: int) -> None:
-    want = os.environ.get(GATE_ENV)
-    if not want:
-        return
-    at, _, folder = want.partition(":")
-    if int(at) != step:
-        return
-    with open(Path(folder) / "ready", "w") as ready:
-        ready.write(f"{os.getpid()} {step}\n")
-    with open(Path(folder) / "go") as go:
-        go.readline()
-
 
 def stop_requested(signum: int, already: int | None) -> int:
     """The rule of every robustdiff job's signal handler: note the signal, save and stop at the next step
@@ -63,18 +37,6 @@ def stop_requested(signum: int, already: int | None) -> int:
               "without saving)", flush=True)
     return signum
 
-
-class SimulatedKill(BaseException):
-    """Raised by ``kill_point``: a crash at a publication point (BaseException so nothing catches it)."""
-
-
-def kill_point(name: str, epoch: int | None = None) -> None:
-    want = os.environ.get(KILL_ENV)
-    if not want:
-        return
-    target, _, at = want.partition("@")
-    if target == name and (not at or epoch is None or int(at) == epoch):
-        raise SimulatedKill(f"{KILL_ENV}={want}: killed after publishing {name}")
 
 HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_loss_natural", "train_loss_robust", "train_acc_natural",
                   "train_acc_adv", "test_clean_acc", "val_clean_acc", "val_pgd_acc", "test_pgd_acc", "is_best"]
@@ -189,19 +151,16 @@ class RunCheckpoint(ModelCheckpoint):
       struck, possibly half-way through a step; such a file could not resume bit-exactly.) Under SLURM with
       auto-requeue (Lightning's SLURMEnvironment) the requeue signal then requeues the job through Lightning.
     * Every file is written atomically (AtomicCheckpointIO); no checkpoint is ever deleted.
-
-    ``interrupt_after_steps`` simulates a signal after that many optimiser steps (used by the resume tests).
     """
 
-    def __init__(self, run_dir: Path, interrupt_after_steps: int | None = None, monitor: str = "val_pgd_acc"):
+    def __init__(self, run_dir: Path, monitor: str = "val_pgd_acc"):
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         super().__init__(dirpath=self.ckpt_dir, filename="best", monitor=monitor, mode="max", save_top_k=1,
                          save_last=True, auto_insert_metric_name=False, save_on_train_epoch_end=False,
                          enable_version_counter=False)
-        self.interrupt_after_steps = interrupt_after_steps
-        self._signal: int | None = None
-        self.received: int | None = None  # a real signal (not the interrupt_after_steps testing aid)
+        self._signal: int | None = None  # the signal to act on at the next step boundary
+        self.received: int | None = None  # the signal that came (summary.json "signal")
         self._previous: dict[int, Any] = {}
         self._stop_at_epoch_end = False
 
@@ -253,14 +212,6 @@ class RunCheckpoint(ModelCheckpoint):
         self._restore_handlers()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.interrupt_after_steps is not None and trainer.global_step >= self.interrupt_after_steps:
-            self._signal = signal.SIGTERM
-        self_signal = os.environ.get(SIGNAL_ENV)  # testing aid: a real signal from the OS at a given step
-        if self_signal and self.received is None:
-            signum, _, step = self_signal.partition("@")
-            if trainer.global_step >= int(step or 0):
-                os.kill(os.getpid(), int(signum))
-        step_gate(trainer.global_step)
         stop = self._signal is not None
         if trainer.world_size > 1:
             # A signal may reach one rank only; every rank must save and stop on the same step.
@@ -309,12 +260,10 @@ class RunCheckpoint(ModelCheckpoint):
         self._save_topk_checkpoint(trainer, candidates)
         if trainer.is_global_zero:
             write_history(self.run_dir, pl_module.history)
-            kill_point("history", self._epoch)
             stopped = getattr(pl_module, "stopped_early", None)
             atomic_write_json(self.run_dir / "summary.json", summarise(
                 pl_module.history, finished=is_finished(pl_module.history, pl_module.epochs, stopped),
                 select=pl_module.select, stopped_early=stopped))
-            kill_point("summary.json", self._epoch)
         self._save_last_checkpoint(trainer, candidates)
         if self._stop_at_epoch_end:
             # A signal came on this epoch's last step: the epoch is now committed, stop here. (After the
@@ -327,18 +276,12 @@ class RunCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
-        epoch = getattr(self, "_epoch", None)
-        if Path(filepath).name == "best.ckpt":
-            kill_point("best.ckpt", epoch)
-            if trainer.is_global_zero:
-                atomic_torch_save(trainer.lightning_module.ema.module.state_dict(), self.run_dir / "model.pt")
-                kill_point("model.pt", epoch)
-        elif Path(filepath).name == "last.ckpt":
-            kill_point("last.ckpt", epoch)
+        if Path(filepath).name == "best.ckpt" and trainer.is_global_zero:
+            atomic_torch_save(trainer.lightning_module.ema.module.state_dict(), self.run_dir / "model.pt")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
-        if trainer.is_global_zero and self.last_path.is_file() and not isinstance(exception, SimulatedKill):
+        if trainer.is_global_zero and self.last_path.is_file():
             # Nothing is saved here (the exception may have struck half-way through a step); the last commit
             # point is the previous epoch's (or signal's) last.ckpt.
             print(f"robustdiff: stopped by {type(exception).__name__}; the last saved state is {self.last_path} "
@@ -409,4 +352,4 @@ def fmt_acc(value: float | None) -> str:
 
 __all__ = ["AtomicCheckpointIO", "CheckpointFileError", "load_checkpoint_file", "RunCheckpoint", "EpochSummary",
            "requeue_signal", "write_history", "summarise", "is_finished", "stop_record", "republish", "fmt_acc",
-           "atomic_path", "kill_point", "SimulatedKill", "KILL_ENV", "GATE_ENV", "step_gate"]
+           "atomic_path"]

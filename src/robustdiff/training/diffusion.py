@@ -56,7 +56,7 @@ from ..utils.io import (
 )
 from ..utils.lock import DirectoryLock
 from .adversarial import step_seed
-from .callbacks import kill_point, load_checkpoint_file, stop_requested
+from .callbacks import load_checkpoint_file, stop_requested
 from .logging import finish as finish_wandb
 from .run import (
     EDM_RESUMABLE_CHANGES,
@@ -270,20 +270,18 @@ def edm_summary(finished: bool, images: int, steps: int) -> dict[str, Any]:
 class EDMSnapshot(Checkpoint):
     """Every ``snapshot_kimg`` (and at the end, and on SIGTERM/SIGUSR1): ``checkpoints/last.ckpt``,
     ``network.pt`` and a sample grid of the EMA network; scheduled snapshots also keep
-    ``snapshots/network-<kimg>.pt``. ``interrupt_after_steps`` simulates a signal."""
+    ``snapshots/network-<kimg>.pt``."""
 
     def __init__(self, run_dir: Path, snapshot_kimg: float, grid_rows: int = 4, grid_steps: int = 18,
-                 grid_seed: int = 0, interrupt_after_steps: int | None = None, extra: dict | None = None,
-                 keep_networks: bool = True):
+                 grid_seed: int = 0, extra: dict | None = None, keep_networks: bool = True):
         super().__init__()
         self.keep_networks = keep_networks
         self.run_dir = Path(run_dir)
         self.snapshot_images = max(1, round(snapshot_kimg * 1000))
         self.grid_rows, self.grid_steps, self.grid_seed = grid_rows, grid_steps, grid_seed
-        self.interrupt_after_steps = interrupt_after_steps
         self.extra = extra or {}
-        self._signal: int | None = None
-        self.received: int | None = None  # a real signal (not the interrupt_after_steps testing aid)
+        self._signal: int | None = None  # the signal to act on at the next step boundary
+        self.received: int | None = None  # the signal that came (summary.json "signal")
         self._previous: dict[int, Any] = {}
 
     @property
@@ -306,8 +304,6 @@ class EDMSnapshot(Checkpoint):
 
     def on_train_batch_end(self, trainer, pl_module: EDMTraining, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.interrupt_after_steps is not None and step >= self.interrupt_after_steps:
-            self._signal = signal.SIGTERM
         stop = self._signal is not None
         if trainer.world_size > 1:  # a signal reaches one rank; every rank must stop on the same step
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
@@ -327,7 +323,6 @@ class EDMSnapshot(Checkpoint):
             images = pl_module.images_seen
             save_network(self.run_dir / "network.pt", pl_module.net_kwargs, pl_module.ema,
                          {"kimg": images / 1000, **self.extra})
-            kill_point("network.pt", int(trainer.global_step))
             if scheduled and self.keep_networks:
                 # Like NVIDIA's network-snapshot-*.pkl: every scheduled snapshot stays, so generators of several
                 # training lengths come from one run (a snapshot at k kimg is what a k-kimg run would end with).
@@ -341,9 +336,7 @@ class EDMSnapshot(Checkpoint):
                 save_png(path, grid)
                 log_image(trainer, path, images)
             atomic_write_json(self.run_dir / "summary.json", edm_summary(finished, images, trainer.global_step))
-            kill_point("summary.json", int(trainer.global_step))
         trainer.save_checkpoint(self.last_path, weights_only=False)
-        kill_point("last.ckpt", int(trainer.global_step))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: EDMTraining, exception: BaseException) -> None:
         self.on_train_end(trainer, pl_module)  # give the signal handlers back
@@ -470,8 +463,7 @@ def _train_edm(cfg: DictConfig, run_dir: Path, desc: dict[str, Any]) -> dict[str
                          ema_halflife_kimg=desc["ema_halflife_kimg"], ema_rampup=desc["ema_rampup"],
                          augment_p=desc["augment_p"], seed=cfg.seed, crop=desc["resolution"])
     snapshot = EDMSnapshot(run_dir, desc["snapshot_kimg"], grid_rows=cfg.grid.rows, grid_steps=cfg.grid.steps,
-                           grid_seed=cfg.grid.seed, interrupt_after_steps=cfg.get("interrupt_after_steps"),
-                           extra={"dataset": desc["dataset"]})
+                           grid_seed=cfg.grid.seed, extra={"dataset": desc["dataset"]})
     trainer = make_trainer(cfg, run_dir, [snapshot], job_type="edm", validation=False, max_steps=desc["max_steps"],
                            max_epochs=-1)
     write_run_files(trainer, run_dir, desc, cfg)

@@ -44,10 +44,9 @@ IDENTITY_FIELDS = ("dataset", "model", "num_classes", "in_channels", "norm", "lo
 
 # Keys that may change when a run is resumed: where things are and how the job runs, never what it computes.
 # Every other key of the composed config is part of the run's identity (run.json "identity").
-RESUMABLE_CHANGES = ("name", "run_root", "data_dir", "download", "trainer", "logger", "eval.batch_size",
-                     "interrupt_after_steps")
+RESUMABLE_CHANGES = ("name", "run_root", "data_dir", "download", "trainer", "logger", "eval.batch_size")
 EDM_RESUMABLE_CHANGES = ("name", "run_root", "data_dir", "download", "trainer", "logger", "grid",
-                         "edm.snapshot_kimg", "interrupt_after_steps")
+                         "edm.snapshot_kimg")
 
 
 def config_identity(cfg: DictConfig, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -> dict[str, Any]:
@@ -390,8 +389,7 @@ def _train(cfg: DictConfig, run_dir: Path, attack: AttackConfig, info, dm: Robus
     dm.setup("fit")
     module = build_module(cfg, attack, dm.iterations_per_epoch)
     desc["val_split"] = dm.val_split_info  # rule, seed, size and classes covered of the validation images
-    checkpoint = RunCheckpoint(run_dir, interrupt_after_steps=cfg.get("interrupt_after_steps"),
-                               monitor=f"val_{select}_acc")
+    checkpoint = RunCheckpoint(run_dir, monitor=f"val_{select}_acc")
     trainer = make_trainer(cfg, run_dir, [checkpoint, EpochSummary()], extra_callbacks=extra_callbacks,
                            max_epochs=cfg.epochs)
     write_run_files(trainer, run_dir, desc, cfg)
