@@ -402,6 +402,26 @@ def test_cli_eval_takes_settings_from_run_json(evaluated):
     assert any("first 16 of 10000" in w for w in ev["warnings"])
 
 
+def test_device_names_the_hydra_commands_words_too(sweep, tmp_path):
+    from robustdiff.utils.hardware import torch_device
+
+    assert torch_device("cpu") == torch.device("cpu")
+    assert torch_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        assert torch_device("gpu") == torch.device("cuda") and torch_device("gpu:0") == torch.device("cuda:0")
+        return
+    # No GPU here: gpu (as trainer=gpu says it) and cuda are refused before any work, naming the way out.
+    root, _ = sweep
+    for name in ("gpu", "cuda:1"):
+        with pytest.raises(SystemExit) as e:
+            cli_eval.main([str(root / "fmnist-a"), "--n-examples", "8", "--attacks", "clean", "--device", name,
+                           "--out", str(tmp_path / name)])
+        assert f"--device {name}: no CUDA GPU is visible here; use --device cpu" in str(e.value.code), e.value.code
+        assert not (tmp_path / name).exists()
+    with pytest.raises(ValueError, match="--device tpu: not a device"):
+        torch_device("tpu")
+
+
 def test_cli_eval_flags_override_run_json(sweep, tmp_path):
     root, _ = sweep
     out = tmp_path / "eval"

@@ -538,7 +538,7 @@ def test_an_unwritable_destination_is_one_line_naming_it(kind, tmp_path):
     cases = {
         "import": ([BIN / "robustdiff-store", "import", tmp_path / "a.npz", "--out", place / "s", "--no-progress"],
                    "give --out a directory you can write to"),
-        "export": ([BIN / "robustdiff-store", "export", store, place / "b.npz", "--no-progress"],
+        "export": ([BIN / "robustdiff-store", "export", store, "--out", place / "b.npz", "--no-progress"],
                    "give an output path you can write to"),
         "train": ([BIN / "robustdiff-train", *TINY, "epochs=1", f"run_root={place / 'runs'}"], "run_root="),
         "edm": ([BIN / "robustdiff-edm", "edm=small", f"run_root={place / 'runs'}"], "run_root="),

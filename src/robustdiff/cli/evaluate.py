@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="output directory for eval.json / eval.md (default: the run directory, or "
                         "<checkpoint stem>_eval beside a checkpoint file)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... or auto (default: auto = cuda when available)")
+    p.add_argument("--device", default=None, help="auto (default: the GPU when there is one), cpu, gpu, cuda, cuda:1, ...")
     p.add_argument("--expected-clean", type=float, default=None,
                    help="recorded clean accuracy (fraction or %%) to check an imported model against "
                         "(default: the run's summary.json, else the paper's number for the setting)")

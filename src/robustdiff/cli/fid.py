@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--inception-weights", default=None,
                        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: torch.hub's cache)")
         q.add_argument("--batch-size", type=int, default=500)
-        q.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default: auto = cuda when available)")
+        q.add_argument("--device", default="auto", help="auto (default: the GPU when there is one), cpu, gpu, cuda, cuda:1, ...")
         q.add_argument("--no-progress", action="store_true")
 
     ref = add_subcommand(sub, "ref", help="reference statistics (mu, sigma) of a dataset split")

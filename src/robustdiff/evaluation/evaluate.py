@@ -68,7 +68,7 @@ class EvalRequest(ModelTarget):
     seed: int | None = None  # default 0
     data_dir: str | None = None  # default: from run.json, else ./data
     out: Path | None = None  # default: the run directory, or <checkpoint stem>_eval beside a checkpoint file
-    device: str | None = None  # cpu, cuda, cuda:1, ... or auto (default: cuda when available)
+    device: str | None = None  # cpu, gpu (= cuda), cuda, cuda:1, ... or auto (default: cuda when available)
     expected_clean: float | None = None  # fraction or %; default: the run's summary.json, else the paper's
     resume: bool = True  # keep and use AutoAttack resume state
     wandb: bool = True  # add the results to the run's own W&B run (wandb.json in the run directory)
@@ -92,9 +92,8 @@ def resolve_settings(request: ModelTarget) -> tuple[dict[str, Any], dict[str, st
     """Merge defaults < run.json < request. Returns (settings, source of each setting).
 
     An ``EvalRequest`` gets the attack settings too; a plain ``ModelTarget`` (an export) the model's only."""
-    import torch
-
     from ..data.datasets import get_info
+    from ..utils.hardware import torch_device
     from .autoattack import STANDARD_ATTACKS
     from .robustness import EpsilonError, parse_eps
 
@@ -149,7 +148,11 @@ def resolve_settings(request: ModelTarget) -> tuple[dict[str, Any], dict[str, st
         put("aa_targets", r.aa_targets, None, 9)
         put("seed", r.seed, None, 0)
         put("data_dir", r.data_dir, (run or {}).get("data_dir"), None)
-        put("device", None if r.device == "auto" else r.device, None, "cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = None if r.device in (None, "auto") else str(torch_device(r.device))
+        except ValueError as e:
+            raise EvaluationError(str(e)) from None
+        put("device", device, None, str(torch_device("auto")))
         put("expected_clean", r.expected_clean, (summary or {}).get("test_clean_acc_best"), None)
     put("n_generated", request.n_generated, (run or {}).get("n_generated"), 0)
     model = (run or {}).get("model") or {}

@@ -94,10 +94,10 @@ def load_statistics(path: str | os.PathLike) -> Statistics:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` or ``"auto"``: the GPU when there is one, else the CPU; anything else as torch reads it."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """The device of a ``--device`` value (``utils.hardware.torch_device``: auto, cpu, gpu, cuda, cuda:N, ...)."""
+    from ..utils.hardware import torch_device
+
+    return torch_device(device)
 
 
 def compute_statistics(extractor: nn.Module, batches: Iterable[tuple[np.ndarray, Any]], *,

@@ -203,8 +203,6 @@ class AdversarialTraining(pl.LightningModule):
             self.train_metrics["train_acc_adv"].update((out.logits_adv.argmax(1) == y).float())
         self._images += int(batch["global_size"])  # a host int: images of the global batch
         self.log("train/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
-        # Epochs count from 1 in W&B and CSV as on the console (Lightning would add its 0-based `epoch`).
-        self.log("epoch", float(self.current_epoch + 1), on_step=True, on_epoch=False, logger=True)
         self.consumed = (batch["epoch"], batch["step"] + 1)
         return out.loss
 
@@ -285,12 +283,9 @@ class AdversarialTraining(pl.LightningModule):
         self._eval_time = time.perf_counter() - self._eval_started
         if fitting:
             self._record_epoch(acc)
-        # epoch/<history field>, and `epoch` itself counted from 1 (Lightning's default would be 0-based).
-        row = self.history[-1] if fitting else acc
-        self.log_dict({f"epoch/{k}": float(v) for k, v in row.items()
+        # epoch/<history field>; the loggers' own `epoch` counts from 1 (training.logging.epochs_from_one).
+        self.log_dict({f"epoch/{k}": float(v) for k, v in (self.history[-1] if fitting else acc).items()
                        if isinstance(v, (int, float)) and k != "epoch"}, sync_dist=True)
-        if fitting:
-            self.log("epoch", float(row["epoch"]), logger=True)
         # The progress bar and ModelCheckpoint(monitor=...) read these.
         self.log("val_pgd_acc", acc["val_pgd_acc"], prog_bar=True, logger=False, sync_dist=True)
         if self.select == "clean":

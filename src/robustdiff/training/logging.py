@@ -264,5 +264,20 @@ class WandbRun(Checkpoint):
         return {}
 
 
-__all__ = ["WandbRun", "finish", "read_record", "resolve_mode", "resume_run", "run_id", "wandb_config", "wandb_dir",
+__all__ = ["WandbRun", "epochs_from_one", "finish", "read_record", "resolve_mode", "resume_run", "run_id", "wandb_config", "wandb_dir",
            "wandb_logger"]
+
+
+def epochs_from_one(logger):
+    """``logger`` with the ``epoch`` Lightning adds to every logged row counted from 1, as robustdiff's console,
+    progress bar, history and summary count it (Lightning's is 0-based). Host-side only: nothing is logged from
+    the device for it."""
+    log = logger.log_metrics
+
+    def log_metrics(metrics, step=None):
+        if "epoch" in metrics:
+            metrics = {**metrics, "epoch": metrics["epoch"] + 1}
+        return log(metrics, step)
+
+    logger.log_metrics = log_metrics
+    return logger

@@ -28,7 +28,7 @@ from ..utils.naming import SWEEP_ENV, run_name  # noqa: F401  (run_name: re-expo
 from .adversarial import AdversarialTraining
 from .callbacks import AtomicCheckpointIO, EpochBar, EpochSummary, RunCheckpoint, fmt_acc, republish
 from .config import ConfigError, validate
-from .logging import WandbRun, wandb_logger
+from .logging import WandbRun, epochs_from_one, wandb_logger
 from .logging import finish as finish_wandb
 
 # Our LightningModule, not the DataModule, moves batches to the device on purpose (augmentation on device).
@@ -137,11 +137,11 @@ def build_logger(cfg: DictConfig, run_dir: Path, name: str, job_type: str = "tra
         return False
     if kind == "csv":
         # csv/version_<k>/metrics.csv: a resumed run starts a new version rather than overwriting the old log.
-        return pl.loggers.CSVLogger(save_dir=str(run_dir), name="csv")
+        return epochs_from_one(pl.loggers.CSVLogger(save_dir=str(run_dir), name="csv"))
     if kind == "wandb":
         if missing := missing_extra("wandb", "logger=wandb"):
             raise ConfigError(missing)
-        return wandb_logger(cfg, run_dir, name, job_type, group=os.environ.get(SWEEP_ENV))
+        return epochs_from_one(wandb_logger(cfg, run_dir, name, job_type, group=os.environ.get(SWEEP_ENV)))
     raise ConfigError(f"logger.name={kind!r}: choose csv, wandb or none")
 
 

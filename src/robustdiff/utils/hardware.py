@@ -8,6 +8,24 @@ import torch
 from .choices import COMPILE_CHOICES, COMPILE_MODES  # noqa: F401  (defined torch-free, used here)
 
 
+def torch_device(name: str | torch.device | None) -> torch.device:
+    """The device a ``--device`` flag names: ``auto`` (or None) = the GPU when there is one, else the CPU; ``gpu``
+    and ``gpu:N`` as the Hydra commands' ``trainer=gpu`` say it (= ``cuda``, ``cuda:N``); anything else as torch
+    reads it (``cpu``, ``cuda``, ``cuda:1``)."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    given = name
+    if isinstance(name, str) and (name == "gpu" or name.startswith("gpu:")):
+        name = "cuda" + name[3:]
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {given}: not a device ({e}); choose auto, cpu, gpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {given}: no CUDA GPU is visible here; use --device cpu (or auto)")
+    return device
+
+
 def fast_bf16(device: torch.device | str) -> bool:
     """True where bf16 matrix arithmetic has hardware support: CUDA GPUs with bf16 (Ampere and newer), CPUs with
     AMX tiles (Sapphire Rapids and newer) or AVX512-BF16. Elsewhere bf16 is emulated and slower than fp32."""
