@@ -27,7 +27,7 @@ def compose_train(*overrides: str):
 
 # A TRADES run small enough for this CPU: 256 real Fashion-MNIST training images, 64 for validation.
 TINY = ("model=wrn-10-1", "batch_size=32", "limit_train=320", "val_size=64", "limit_test=128", "norm.steps=2",
-        "eval.steps=3", "eval.batch_size=128", "logger=none", "trainer.enable_progress_bar=false")
+        "eval.steps=3", "eval.batch_size=128", "logger=none", "progress=false")
 
 
 @pytest.fixture(scope="module")

@@ -152,8 +152,15 @@ def test_slurm_requeue_signal_saves_requeues_through_lightning_and_resumes(tmp_p
 
 
 def test_the_progress_bar_counts_epochs_from_one_like_the_console(tmp_path, capsys):
-    overrides = [o for o in SMALL if not o.startswith("trainer.enable_progress_bar")]
+    overrides = [o for o in SMALL if not o.startswith(("trainer.enable_progress_bar", "progress="))]
     train(compose_train(*overrides, "epochs=2", "trainer.enable_progress_bar=true"), tmp_path / "run")
     captured = capsys.readouterr()
     bar = captured.err + captured.out
     assert "Epoch 1/2" in bar and "Epoch 2/2" in bar and "Epoch 0" not in bar
+    # progress=false (the spelling robustdiff-generate takes too) turns the bar off; a non-boolean is refused first.
+    train(compose_train(*overrides, "epochs=1", "progress=false"), tmp_path / "quiet")
+    captured = capsys.readouterr()
+    assert "Epoch 1/1" not in captured.err + captured.out
+    with pytest.raises(ConfigError, match="progress='sometimes': true or false"):
+        train(compose_train(*overrides, "epochs=1", "progress=sometimes"), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

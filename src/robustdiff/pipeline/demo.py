@@ -74,7 +74,7 @@ def run_demo(settings: DemoSettings) -> dict:
     edm_dir = out / "generator" / "edm"
     edm = [f"run_root={edm_dir.parent}", f"name={edm_dir.name}", "dataset=fashionmnist", "edm=small",
            f"edm.duration_kimg={d.edm_kimg}", f"edm.snapshot_kimg={d.edm_kimg}", "logger=csv",
-           "grid.rows=1", "grid.steps=8", f"data_dir={d.data_dir}", "trainer.enable_progress_bar=false"]
+           "grid.rows=1", "grid.steps=8", f"data_dir={d.data_dir}", "progress=false"]
     if d.edm_limit_train:
         edm.append(f"limit_train={d.edm_limit_train}")
     t0 = stage("1/6 EDM generator", "robustdiff-edm " + " ".join(edm))
@@ -97,7 +97,7 @@ def run_demo(settings: DemoSettings) -> dict:
     common = ["experiment=fashionmnist_demo", f"model={d.model}", f"epochs={d.epochs}",
               f"batch_size={d.batch_size}", f"limit_train={d.limit_train}", f"val_size={d.val_size}",
               f"limit_test={d.limit_test}", f"data_dir={d.data_dir}", f"run_root={runs_root}",
-              "trainer.enable_progress_bar=false", *d.train_overrides]
+              "progress=false", *d.train_overrides]
     variants = {"real": [], "generated": [f"generated={store}", f"ratio={d.ratio}"]}
     for i, (name, extra) in enumerate(variants.items()):
         overrides = [*common, f"name={name}", *extra]
@@ -142,7 +142,7 @@ def measure_generator(settings: DemoSettings, store: Path) -> dict:
            f"limit_train={d.classifier_limit_train}", f"val_size={min(1024, d.classifier_limit_train // 4)}",
            "batch_size=64", "ema_decay=0.99", "limit_test=2000",
            f"data_dir={d.data_dir}", f"run_root={clf_dir.parent}", f"name={clf_dir.name}",
-           "trainer.enable_progress_bar=false", "logger=csv"]
+           "progress=false", "logger=csv"]
     print("    classifier: robustdiff-train " + " ".join(clf), flush=True)
     require_finished(train(compose_config("train", clf), clf_dir), clf_dir)
 

@@ -132,7 +132,7 @@ def train_listed_arm(spec: DictConfig, out: Path, name: str, data_dir: str, inde
     a = spec.arms[name]
     run_dir = out / "runs" / name
     overrides = [*spec.train.overrides, f"seed={a.seed}", f"data_dir={data_dir}", f"run_root={out / 'runs'}",
-                 f"name={name}", "trainer.enable_progress_bar=false"]
+                 f"name={name}", "progress=false"]
     if a.get("store") is not None:
         overrides += [f"generated={out / 'stores' / a.store}", f"ratio={a.ratio}"]
     stage(f"arm {index}: {name}", "robustdiff-train " + " ".join(overrides))

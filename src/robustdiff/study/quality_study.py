@@ -81,7 +81,7 @@ def train_arm(spec: DictConfig, out: Path, name: str, arm: dict[str, Any], store
               data_dir: str, index: str) -> Path:
     run_dir = out / "runs" / name
     overrides = [*spec.train.overrides, f"seed={arm['seed']}", f"data_dir={data_dir}", f"run_root={out / 'runs'}",
-                 f"name={name}", "trainer.enable_progress_bar=false"]
+                 f"name={name}", "progress=false"]
     if arm["generator"]:
         overrides += [f"generated={stores[arm['generator']]}", f"ratio={arm['ratio']}"]
     stage(f"6/9 TRADES arm {index}: {name}", "robustdiff-train " + " ".join(overrides))
@@ -98,7 +98,7 @@ def run_sweep(spec: DictConfig, out: Path, store: Path, data_dir: str) -> list[P
     # The multirun is the robustdiff-train command itself, run as a child process (Hydra's launcher owns it).
     argv = [sys.executable, "-m", "robustdiff.cli.train", "-m", *spec.train.overrides, f"generated={store}",
             "ratio=" + ",".join(f"{r:g}" for r in ratios), f"data_dir={data_dir}", f"run_root={root}",
-            "trainer.enable_progress_bar=false"]
+            "progress=false"]
     stage(f"7/9 ratio sweep of the best generator ({', '.join(f'{r:g}' for r in ratios)})",
           "robustdiff-train " + " ".join(argv[3:]))
     subprocess.run(argv, check=True)

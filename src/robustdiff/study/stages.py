@@ -69,7 +69,7 @@ def train_run(cfg: DictConfig, run_dir: Path) -> dict:
 def train_classifier(spec: DictConfig, out: Path, data_dir: str) -> Path:
     run_dir = out / "classifier"
     overrides = [f"dataset={spec.dataset}", *spec.classifier.overrides, f"data_dir={data_dir}",
-                 f"run_root={out}", "name=classifier", "trainer.enable_progress_bar=false"]
+                 f"run_root={out}", "name=classifier", "progress=false"]
     stage("1/9 classifier for FD and label agreement", "robustdiff-train " + " ".join(overrides))
     require_finished(train_run(compose_config("train", overrides), run_dir), run_dir)
     return run_dir
@@ -104,7 +104,7 @@ def reference_statistics(spec: DictConfig, out: Path, classifier: Path, data_dir
 def train_selector(spec: DictConfig, out: Path, data_dir: str) -> Path:
     run_dir = out / "selector"
     overrides = [f"dataset={spec.dataset}", *spec.selector.overrides, f"data_dir={data_dir}", f"run_root={out}",
-                 "name=selector", "trainer.enable_progress_bar=false"]
+                 "name=selector", "progress=false"]
     train_cfg = compose_config("train", list(spec.train.overrides))
     cfg = compose_config("train", overrides)
     if (cfg.limit_train, cfg.val_size) != (train_cfg.limit_train, train_cfg.val_size):
@@ -121,7 +121,7 @@ def edm_command(spec: DictConfig, out: Path, data_dir: str) -> tuple[list[str], 
     """The overrides of the study's EDM stage and the command that trains the same network by hand."""
     limit_train = compose_config("train", list(spec.train.overrides)).limit_train
     overrides = [f"dataset={spec.dataset}", *spec.edm.overrides, f"data_dir={data_dir}", f"run_root={out}",
-                 "name=edm", "trainer.enable_progress_bar=false", "logger=csv"]
+                 "name=edm", "progress=false", "logger=csv"]
     if limit_train:
         overrides.append(f"limit_train={limit_train}")
     kimgs = sorted(float(k) for k in spec.generators.values())

@@ -67,6 +67,8 @@ def validate(cfg: DictConfig) -> AttackConfig:
         if not cond:
             raise ConfigError(msg)
 
+    need(isinstance(cfg.get("progress", True), bool), f"progress={cfg.get('progress')!r}: true or false")
+
     def number(key: str) -> float:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool):

@@ -387,6 +387,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
          f"label_dim={cfg.label_dim!r} but dataset {info.name} has {info.num_classes} classes: use label_dim=null "
          f"(class-conditional on all {info.num_classes}) or label_dim=0 (unconditional)")
     need(isinstance(e.batch_size, int) and e.batch_size >= 1, f"edm.batch_size={e.batch_size!r} must be an integer >= 1")
+    need(isinstance(cfg.get("progress", True), bool), f"progress={cfg.get('progress')!r}: true or false")
     val_size = cfg.get("val_size", 0)
     limit = cfg.limit_train or info.n_train
     need(isinstance(val_size, int) and not isinstance(val_size, bool) and 0 <= val_size < limit,

@@ -44,8 +44,8 @@ IDENTITY_FIELDS = ("dataset", "model", "num_classes", "in_channels", "norm", "lo
 
 # Keys that may change when a run is resumed: where things are and how the job runs, never what it computes.
 # Every other key of the composed config is part of the run's identity (run.json "identity").
-RESUMABLE_CHANGES = ("name", "run_root", "data_dir", "download", "trainer", "logger", "eval.batch_size")
-EDM_RESUMABLE_CHANGES = ("name", "run_root", "data_dir", "download", "trainer", "logger", "grid",
+RESUMABLE_CHANGES = ("name", "run_root", "data_dir", "download", "progress", "trainer", "logger", "eval.batch_size")
+EDM_RESUMABLE_CHANGES = ("name", "run_root", "data_dir", "download", "progress", "trainer", "logger", "grid",
                          "edm.snapshot_kimg")
 
 
@@ -187,7 +187,7 @@ def user_callbacks(cfg: DictConfig) -> list[pl.Callback]:
                               "Drop the entry; the best model is checkpoints/best.ckpt and model.pt")
         if isinstance(callback, pl.callbacks.ProgressBar):
             raise ConfigError(f"{key}._target_={entry._target_}: robustdiff adds its own progress bar (turn it off "
-                              "with trainer.enable_progress_bar=false); drop the entry")
+                              "with progress=false); drop the entry")
         if isinstance(callback, pl.callbacks.EarlyStopping):
             if callback.monitor not in monitored:
                 raise ConfigError(f"{key}.monitor={callback.monitor!r}: robustdiff logs {' and '.join(monitored)} "
@@ -278,6 +278,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, validation: bo
         "num_sanity_val_steps": 0, "check_val_every_n_epoch": 1, "accumulate_grad_batches": 1, **kwargs,
     }
     user = trainer_arguments(cfg, controlled)
+    if cfg.get("progress") is False:  # robustdiff's spelling; trainer.enable_progress_bar=false does the same
+        user["enable_progress_bar"] = False
     if not validation:
         user["limit_val_batches"] = 0
     if logger:
