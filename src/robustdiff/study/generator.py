@@ -79,7 +79,8 @@ def ship_generator(spec: DictConfig, out: Path, dest: Path) -> Path:
     if not summary.get("finished"):
         raise StudyError(f"{edm}: the study's EDM stage has not finished (summary.json: finished is not true); run the "
                          f"study until its generators are trained, then ship them")
-    overrides, command = edm_command(spec, out, "data")
+    # The command as a user would type it in a checkout (run_root under runs/, data_dir=data), not this machine's.
+    overrides, command = edm_command(spec, Path("runs") / str(spec.name), "data")
     snapshots: dict[str, Any] = {}
     for name, kimg in spec.generators.items():
         path, exact = snapshot_path(edm, float(kimg))
