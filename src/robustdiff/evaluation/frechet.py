@@ -93,20 +93,15 @@ def load_statistics(path: str | os.PathLike) -> Statistics:
     return Statistics(mu, sigma, n, meta)
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device of a ``--device`` value (``utils.hardware.torch_device``: auto, cpu, gpu, cuda, cuda:N, ...)."""
-    from ..utils.hardware import torch_device
-
-    return torch_device(device)
-
-
 def compute_statistics(extractor: nn.Module, batches: Iterable[tuple[np.ndarray, Any]], *,
                        device: str | torch.device | None = "cpu", meta: dict[str, Any] | None = None,
                        progress: bool = False, total: int | None = None) -> Statistics:
     """μ, Σ of ``extractor``'s features of uint8 (b, H, W, C) image batches, accumulated by torchmetrics' FID."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    dev = resolve_device(device)
+    from ..utils.hardware import torch_device
+
+    dev = torch_device(device)
     metric = FrechetInceptionDistance(feature=extractor, reset_real_features=True).to(dev)
     bar = progress_bar(total, "features", progress, unit_scale=False)
     with torch.inference_mode():
@@ -126,6 +121,6 @@ def compute_statistics(extractor: nn.Module, batches: Iterable[tuple[np.ndarray,
 
 
 __all__ = [
-    "QualityError", "Statistics", "frechet_distance", "save_statistics", "load_statistics", "resolve_device",
+    "QualityError", "Statistics", "frechet_distance", "save_statistics", "load_statistics",
     "compute_statistics",
 ]

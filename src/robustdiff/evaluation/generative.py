@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..utils.hardware import torch_device
 from .features import feature_extractor
-from .frechet import QualityError, Statistics, compute_statistics, load_statistics, resolve_device, save_statistics
+from .frechet import QualityError, Statistics, compute_statistics, load_statistics, save_statistics
 
 DEFAULT_N = 50_000  # generated images per FID, as EDM and the paper
 
@@ -47,7 +48,7 @@ def store_batches(store, n: int | None = None, batch_size: int = 500) -> Iterato
 def label_agreement(classifier: nn.Module, batches: Iterable[tuple[np.ndarray, np.ndarray]], num_classes: int, *,
                     device: str | torch.device | None = "cpu") -> dict[str, Any]:
     """Accuracy of ``classifier`` on images against their (conditioning) labels: overall and per class."""
-    dev = resolve_device(device)
+    dev = torch_device(device)
     classifier = classifier.to(dev).eval()
     correct = np.zeros(num_classes, np.int64)
     count = np.zeros(num_classes, np.int64)

@@ -165,7 +165,3 @@ def seed_generator(spec: DictConfig, out: Path, source: Path) -> Path:
     print(f"robustdiff-study: generators {', '.join(spec.generators)} from {source} (sha256 checked); no EDM is "
           f"trained", flush=True)
     return edm
-
-
-def is_shipped(out: Path) -> bool:
-    return (out / "edm" / SHIPPED).is_file()
