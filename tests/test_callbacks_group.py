@@ -13,7 +13,9 @@ from pytorch_lightning.callbacks import EarlyStopping
 from robustdiff_aids import Crash
 
 from conftest import CONF_DIR, TINY, compose_train
-from robustdiff.training.run import ConfigError, config_identity, make_trainer, train, user_callbacks
+from robustdiff.training.resume import config_identity
+from robustdiff.training.run import ConfigError, train
+from robustdiff.training.trainer import make_trainer, user_callbacks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

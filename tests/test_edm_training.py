@@ -15,7 +15,8 @@ from hydra.errors import MissingConfigException
 from robustdiff.cli.hydra_conf import CONF_DIR
 from robustdiff.data.datasets import load_split
 from robustdiff.diffusion.edm import EDMPrecond, edm_loss
-from robustdiff.training.diffusion import load_network, train_edm
+from robustdiff.training.diffusion import load_network
+from robustdiff.training.edm_run import train_edm
 from robustdiff.training.run import ConfigError
 
 FAST = ["resolution=16", "limit_train=256", "edm.batch_size=16", "edm.lr_rampup_kimg=0", "grid.rows=1",
@@ -148,7 +149,7 @@ def test_presets_compose_and_unknown_preset_lists_choices():
     cifar = config("dataset=cifar10", "edm=cifar10", fast=False)
     assert (cifar.edm.network, cifar.edm.batch_size, cifar.edm.duration_kimg) == ("ddpmpp", 512, 200000)
     assert (cifar.edm.dropout, cifar.edm.augment_p, cifar.edm.ema_halflife_kimg) == (0.13, 0.12, 500)
-    from robustdiff.training.diffusion import validate
+    from robustdiff.training.edm_run import validate
 
     desc = validate(cifar)
     assert desc["max_steps"] == 390625 and desc["kwargs"]["attn_resolutions"] == [16]
@@ -183,7 +184,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 @needs_data
 def test_val_size_leaves_out_exactly_the_classifiers_validation_images():
     from robustdiff.data.datamodule import RobustDataModule
-    from robustdiff.training.diffusion import edm_datamodule, validate
+    from robustdiff.training.edm_run import edm_datamodule, validate
 
     cfg = config("limit_train=96", "val_size=32", "resolution=null")
     desc = validate(cfg)

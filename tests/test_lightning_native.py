@@ -18,7 +18,8 @@ from robustdiff_aids import aids_env
 
 from conftest import TINY, compose_train
 from robustdiff.training.callbacks import RunCheckpoint
-from robustdiff.training.run import ConfigError, make_trainer, revalidate, train
+from robustdiff.training.run import ConfigError, revalidate, train
+from robustdiff.training.trainer import make_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,8 +29,8 @@ CLI = Path(sys.executable).parent / "robustdiff-train"
 
 
 def test_validation_loop_logs_console_and_revalidate(tmp_path, capsys):
-    """Two epochs with the CSV logger: evaluation runs in Lightning's validation loop; metrics.csv keeps
-    Lightning's 0-based `epoch` (ours are epoch/<field>); the LR monitor and images/s are logged; the console
+    """Two epochs with the CSV logger: evaluation runs in Lightning's validation loop; metrics.csv's `epoch`
+    counts from 1, as the console and history.json do (ours are epoch/<field>); the LR monitor and images/s are logged; the console
     has one line per epoch and names the best model and the robustdiff-eval command; trainer.validate on
     best.ckpt reproduces that epoch's recorded numbers exactly."""
     run = tmp_path / "run"
@@ -52,8 +53,8 @@ def test_validation_loop_logs_console_and_revalidate(tmp_path, capsys):
 
     rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").open()))
     per_epoch = [r for r in rows if r.get("epoch/val_pgd_acc")]
-    assert [r["epoch"] for r in per_epoch] == ["0", "1"]  # Lightning's epoch, never ours (1-based) mixed in
-    assert {r["epoch"] for r in rows if r["epoch"]} <= {"0", "1"}
+    assert [r["epoch"] for r in per_epoch] == ["1", "2"]  # the epoch a reader sees everywhere: 1-based
+    assert {r["epoch"] for r in rows if r["epoch"]} <= {"1", "2"}
     assert all(float(r["perf/images_per_s"]) > 0 and float(r["perf/eval_time_s"]) > 0 for r in per_epoch)
     assert any(r.get("lr-SGD/pg1") for r in rows)  # LearningRateMonitor
 

@@ -119,11 +119,21 @@ def test_a_rejected_config_leaves_no_run_directory_but_keeps_an_existing_run(tmp
 
 def test_a_missing_extra_is_named(monkeypatch):
     import robustdiff.utils.extras as extras
-    from robustdiff.training.run import ConfigError, build_logger
+    from robustdiff.training.config import ConfigError
+    from robustdiff.training.trainer import build_logger
 
     monkeypatch.setattr(extras, "installed", lambda module: False)
     with pytest.raises(ConfigError, match=r"logger=wandb needs .*pip install 'robustdiff\[wandb\]'"):
         build_logger(compose_train("logger=wandb"), Path("/nonexistent"), "x")
+
+
+def test_importing_the_training_modules_leaves_the_warning_filters_as_they_were():
+    """torch and Lightning set filters of their own when imported; robustdiff's modules add none (its jobs silence
+    Lightning's warnings about its deliberate choices only while they run)."""
+    code = ("import warnings, numpy, torch, pytorch_lightning, omegaconf, hydra.utils; before = list(warnings.filters)"
+            "; import robustdiff.training.run, robustdiff.training.edm_run; print(warnings.filters == before)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -68,7 +68,7 @@ def edm_config(*overrides: str):
 
 @pytest.mark.parametrize("point", ["network.pt", "summary.json", "last.ckpt"])
 def test_edm_crash_at_the_last_snapshot_then_rerun_equals_a_straight_run(point, tmp_path, crash_after):
-    from robustdiff.training.diffusion import train_edm
+    from robustdiff.training.edm_run import train_edm
 
     train_edm(edm_config(), tmp_path / "straight")
     # The last snapshot (step 4 of 4) dies after publishing `point`: summary.json may already say "finished".
@@ -390,33 +390,6 @@ def test_malformed_cifar_batches_and_a_corrupt_run_json_are_named(tmp_path, stop
     (run / "run.json").write_text('{"dataset": "fashionm')
     with pytest.raises(ConfigError, match=r"run.json: unreadable .*left as it is"):
         train(compose_train(*TINY, "epochs=2"), run)
-
-
-@pytest.mark.parametrize("dataset", ["fashionmnist", "tinyimagenet"])
-def test_run_from_before_added_keys_resumes_only_with_their_old_behaviour(tmp_path, dataset):
-    """A run.json written before last_batch/val_split/val_seed existed: its run did `fill` epochs and took the
-    first val_size images. Resuming it with the new defaults would change its math, so it is refused, naming the
-    key; asking for the old behaviour resumes it."""
-    from robustdiff.training.run import check_resume, config_identity, describe, validate
-
-    overrides = [*TINY, f"dataset={dataset}"]
-    def description(cfg):
-        desc = describe(cfg, validate(cfg), 0)
-        desc["identity"] = config_identity(cfg)
-        return desc
-
-    desc = description(compose_train(*overrides))
-    old = json.loads(json.dumps(desc))
-    for key in ("last_batch", "val_split", "val_seed", "debug_mode"):
-        old["identity"].pop(key)
-    (tmp_path / "run.json").write_text(json.dumps(old))
-
-    with pytest.raises(ConfigError, match=r'last_batch: run has "fill", you asked for "reference"') as e:
-        check_resume(tmp_path, desc)
-    assert ("val_split" in str(e.value)) == (dataset == "tinyimagenet")  # TinyImageNet now defaults to stratified
-
-    legacy = [*overrides, "last_batch=fill"] + (["val_split=first"] if dataset == "tinyimagenet" else [])
-    check_resume(tmp_path, description(compose_train(*legacy)))  # the same math: resumes
 
 
 def test_a_refused_resume_leaves_the_runs_recorded_configuration_as_it_ran(tmp_path):

@@ -82,7 +82,7 @@ def test_every_config_group_composes():
     from robustdiff.data.datasets import get_info
     from robustdiff.models.wrn import WideResNet
     from robustdiff.training.config import attack_config, validate
-    from robustdiff.training.run import CONTROLLED, build_logger, trainer_arguments, user_callbacks
+    from robustdiff.training.trainer import CONTROLLED, build_logger, trainer_arguments, user_callbacks
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     for group in ("dataset", "norm", "model", "trainer", "logger", "callbacks"):
@@ -114,7 +114,7 @@ def test_every_config_group_composes():
 def test_gpu_trainers_autotune_cudnn(tmp_path, monkeypatch, trainer, expected):
     """trainer=gpu/ddp give Lightning benchmark=True (cuDNN picks each convolution's fastest kernel once, as the
     bare-step benchmark does); trainer=cpu leaves torch's setting alone."""
-    from robustdiff.training.run import make_trainer
+    from robustdiff.training.trainer import make_trainer
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     cfg = compose_train(f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=1", "logger=none",

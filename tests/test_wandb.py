@@ -121,7 +121,7 @@ def test_wandb_mode_and_dir_from_the_environment_win_over_an_api_key(tmp_path, o
 
 
 def test_edm_run_job_type_samples_and_network_artifact(tmp_path, offline):
-    from robustdiff.training.diffusion import train_edm
+    from robustdiff.training.edm_run import train_edm
     from test_edm_training import config, fmnist_available  # the same tiny EDM settings
 
     if not fmnist_available():

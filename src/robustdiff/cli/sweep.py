@@ -1,7 +1,7 @@
 """What `robustdiff-train -m ...` (a Hydra multirun) needs beyond one run.
 
 * ``SweepReport``: a Hydra callback (conf/train.yaml, ``hydra.callbacks``) that names the sweep, so that its
-  W&B runs share a group (``SWEEP_ENV``, read by training.run.build_logger) and its jobs' directories start
+  W&B runs share a group (``SWEEP_ENV``, read by training.trainer.build_logger) and its jobs' directories start
   with the swept keys (``SWEPT_ENV``, read by utils.naming.run_name). The sweep's own folder,
   ``<run_root>/sweeps/<sweep>/``, holds Hydra's multirun.yaml, ``jobs.txt`` (its job directories, relative to
   the folder; ``robustdiff-report`` reads it) and, when the sweep ends, report.md over exactly those jobs.

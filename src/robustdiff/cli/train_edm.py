@@ -32,8 +32,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     from ..data.datasets import DatasetError
     from ..data.store import StoreError
     from ..training.callbacks import CheckpointFileError
-    from ..training.diffusion import train_edm
-    from ..training.run import ConfigError
+    from ..training.config import ConfigError
+    from ..training.edm_run import train_edm
     from ..utils.lock import DirectoryLockedError
     from .sweep import ddp_job
 

@@ -189,7 +189,7 @@ def generate(cfg: DictConfig | dict) -> dict | None:
                                   f"out=data/generated/fmnist-10k)")
     wandb_settings(cfg)  # a bad wandb.mode or a missing wandb package: refused before any work
     t = cfg["trainer"]
-    from ..training.run import is_launching_process
+    from ..training.trainer import is_launching_process
     from ..utils.lock import DirectoryLock, DirectoryLockedError
 
     locks = []

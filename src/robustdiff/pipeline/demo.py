@@ -64,7 +64,7 @@ def run_demo(settings: DemoSettings) -> dict:
     from ..diffusion.generate import generate
     from ..evaluation.evaluate import EvalRequest, evaluate
     from ..evaluation.report import write_report
-    from ..training.diffusion import train_edm
+    from ..training.edm_run import train_edm
     from ..training.run import train
 
     d = settings

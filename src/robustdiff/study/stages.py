@@ -139,7 +139,7 @@ def train_generator(spec: DictConfig, out: Path, data_dir: str) -> Path:
         source = json.loads((run_dir / SHIPPED).read_text()).get("source")
         stage(f"3/9 EDM generator: shipped ({source}), not trained")
         return run_dir
-    from ..training.diffusion import train_edm
+    from ..training.edm_run import train_edm
 
     overrides, command = edm_command(spec, out, data_dir)
     stage("3/9 EDM generator on the study's real images", command)

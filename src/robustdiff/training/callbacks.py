@@ -168,9 +168,6 @@ class RunCheckpoint(ModelCheckpoint):
     def last_path(self) -> Path:
         return self.ckpt_dir / "last.ckpt"
 
-    def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath) -> None:
-        """No warning: a resumed run's checkpoints/ holds its own files (ModelCheckpoint's private hook)."""
-
     @property
     def best_path(self) -> Path:
         return self.ckpt_dir / "best.ckpt"
@@ -187,11 +184,6 @@ class RunCheckpoint(ModelCheckpoint):
     # -- signals: remember, then act between two steps so the saved state is consistent
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if not self.best_k_models and getattr(pl_module, "best_epoch", -1) > 0:
-            # A run saved before best.ckpt was tracked by ModelCheckpoint: the module knows the best score.
-            self.best_k_models = {str(self.best_path): torch.tensor(pl_module.best_score)}
-            self.kth_best_model_path = self.best_model_path = str(self.best_path)
-            self.best_model_score = self.best_k_models[self.best_model_path]
         for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT):
             if sig is not None:
                 try:
