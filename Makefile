@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data test demo study study-v2 study-v2-generator lint bench bench-data bench-edm bench-eval bench-train gpu-bundle gpu-check
+.PHONY: install data test test-fast demo study study-v2 study-v2-generator lint bench bench-data bench-edm bench-eval bench-train gpu-bundle gpu-check
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ data:
 
 test: install data
 	$(PY) -m pytest -q
+
+# The suite without the end-to-end tests marked slow (long training, DDP, sweeps, studies, the demo, compile).
+test-fast: install data
+	$(PY) -m pytest -q -m "not slow"
 
 # The whole pipeline on Fashion-MNIST on a CPU: EDM -> generated store -> TRADES without/with it -> attack -> report.
 demo: install data

@@ -147,6 +147,7 @@ def test_run_with_a_short_batch_records_its_split(tmp_path):
     assert desc["identity"]["val_split"] == "stratified" and desc["identity"]["last_batch"] == "reference"
 
 
+@pytest.mark.slow
 def test_resume_right_before_the_short_batch_is_exact(tmp_path, stop_after):
     # 266 real images, batch 32: step 8 of 11 is the short batch (10 images); stop after 8 steps, resume there
     common = (*TINY, "epochs=1", "limit_train=330")

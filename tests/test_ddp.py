@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import TINY, compose_train
@@ -19,6 +20,7 @@ def flat(state: dict) -> torch.Tensor:
                       and "running" not in k])
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
     """Same global batches, augmentation and attack noise as one process; only BatchNorm statistics are
     per rank (as in the reference's DataParallel; SyncBatchNorm needs GPUs). So the DDP weights must be far

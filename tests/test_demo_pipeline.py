@@ -15,6 +15,7 @@ TINY_DEMO = ["--edm-kimg", "0.192", "--edm-limit-train", "512", "--n-generated",
              "--fd-reference", "200"]
 
 
+@pytest.mark.slow
 def test_demo_pipeline_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "demo"
     args = build_parser().parse_args(["--out", str(out), *TINY_DEMO])

@@ -185,6 +185,7 @@ def aa_reference(model, aa_points):
 
 # --- evaluation --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_trained_model_is_nontrivial(sweep, data):
     root, _ = sweep
     summary = json.loads((root / "fmnist-a" / "summary.json").read_text())

@@ -269,6 +269,7 @@ def test_a_failed_shard_write_stops_the_job_and_keeps_earlier_shards(network, tm
     assert store_bytes(tmp_path / "s") == store_bytes(tmp_path / "ref")
 
 
+@pytest.mark.slow
 def test_compiled_network_gives_the_same_images(network, tmp_path):
     """compile=true compiles the U-Net: float32 round-off only, so a pixel may move by one uint8 level."""
     from torch._dynamo.utils import counters
@@ -284,6 +285,7 @@ def test_compiled_network_gives_the_same_images(network, tmp_path):
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision,max_diff", [("bf16", 8), ("fp16", 4)])
 def test_reduced_precision_images_stay_close_to_fp32(network, tmp_path, precision, max_diff):
     """The U-Net under bf16/fp16 autocast with the float64 solver: same labels, pixels within a stated bound of

@@ -163,6 +163,7 @@ def test_label_agreement_catches_wrong_labels(classifier, test_images, tmp_path)
     assert not (good / ".writer.lock").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # 6 images cannot span 2,048 dimensions
 def test_fid_path_end_to_end_with_a_random_inception(tmp_path, test_images):
     images, _ = test_images

@@ -162,6 +162,6 @@ def test_the_progress_bar_counts_epochs_from_one_like_the_console(tmp_path, caps
     train(compose_train(*overrides, "epochs=1", "progress=false"), tmp_path / "quiet")
     captured = capsys.readouterr()
     assert "Epoch 1/1" not in captured.err + captured.out
-    with pytest.raises(ConfigError, match="progress='sometimes': true or false"):
+    with pytest.raises(ConfigError, match="progress='sometimes' must be true or false"):
         train(compose_train(*overrides, "epochs=1", "progress=sometimes"), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()

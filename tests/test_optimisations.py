@@ -228,6 +228,7 @@ def test_bf16_autocast_trades_step_within_tolerance_of_fp32():
 COMPILE_LOSS_RTOL, COMPILE_GRAD_COS = 1e-5, 0.99999
 
 
+@pytest.mark.slow
 def test_compiled_trades_step_matches_eager():
     eager = small_wrn().train()
     plain = copy.deepcopy(eager)

@@ -70,6 +70,7 @@ def straight(tmp_path_factory) -> dict:
     return run_files(root / "run")
 
 
+@pytest.mark.slow
 def test_real_signals_at_every_kind_of_step_boundary_resume_to_an_uninterrupted_run(straight, tmp_path):
     # Steps 1-5 are epoch 1, 6-10 epoch 2: first, middle and last step of an epoch, the next epoch's first step,
     # the run's very last step; SIGUSR1 (what SLURM sends before pre-emption) and SIGTERM.

@@ -19,6 +19,7 @@ QUICK = ROOT / "experiments" / "study" / "fmnist_quality_quick.yaml"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_quick_study_runs_every_stage_resumes_and_fixes_its_protocol(tmp_path, capsys):
     out = tmp_path / "study"
     assert study_main([str(QUICK), "--out", str(out)]) == 0
@@ -75,6 +76,7 @@ def test_quick_study_runs_every_stage_resumes_and_fixes_its_protocol(tmp_path, c
 V2_QUICK = ROOT / "experiments" / "study" / "fmnist_v2_quick.yaml"
 
 
+@pytest.mark.slow
 def test_a_study_listing_its_arms_selects_with_a_classifier_of_its_own_data_and_resumes(tmp_path, capsys,
                                                                                           monkeypatch):
     out = tmp_path / "v2"

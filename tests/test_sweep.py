@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from robustdiff_aids import aids_vars
 
 from conftest import TINY
@@ -51,6 +52,7 @@ def wandb_groups(run_dir: Path) -> set[str]:
     return groups
 
 
+@pytest.mark.slow
 def test_sweep_resumes_unfinished_jobs_and_groups_wandb_runs(tmp_path):
     """A SIGTERM after 2 steps stops the sweep in its first job (saved, exit 143); the same sweep again resumes
     that job from last.ckpt and runs the other."""
@@ -74,6 +76,7 @@ def test_sweep_resumes_unfinished_jobs_and_groups_wandb_runs(tmp_path):
     assert md.parent.parent.name == "sweeps" and all(d.name in text for d in dirs)
 
 
+@pytest.mark.slow
 def test_ddp_sweep_makes_one_directory_per_job_and_skips_finished_jobs(tmp_path):
     ddp = ("seed=0,1", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
     proc = sweep(tmp_path, *ddp)

@@ -17,6 +17,7 @@ def load_weights(run_dir: Path) -> dict:
     return ckpt["state_dict"]
 
 
+@pytest.mark.slow
 def test_two_epochs_equal_interrupted_and_resumed(tmp_path, tiny_overrides, stop_after):
     """2 epochs straight == killed mid-epoch 1, resumed, killed at the end of epoch 1, resumed."""
     straight = tmp_path / "straight"
@@ -60,6 +61,7 @@ def test_finished_run_is_not_retrained_and_other_model_refused(tmp_path, tiny_ov
     assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp  # untouched
 
 
+@pytest.mark.slow
 def test_short_run_on_fashion_mnist_learns(tmp_path):
     """Clean and PGD accuracy of the trained EMA model beat the untrained model's."""
     overrides = ["model=wrn-10-1", "batch_size=64", "limit_train=1600", "val_size=256", "limit_test=256",
@@ -155,6 +157,7 @@ def test_run_names_are_deterministic():
     assert len(long) <= 120 and long == run_name(None, "x=" + "a" * 300)
 
 
+@pytest.mark.slow
 def test_fast_path_bf16_channels_last_compile_trains(tmp_path, tiny_overrides, monkeypatch):
     """precision=bf16-mixed + channels_last + compile: the attack and the step run autocast in the compiled
     network; the checkpoints keep the plain key layout (no ``_orig_mod.``) and the EMA model stays fp32."""

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..conf.schema import choices
+
+NORMS = choices("norm.name")
+
 
 @dataclass(frozen=True)
 class AttackConfig:
@@ -13,8 +17,8 @@ class AttackConfig:
     steps: int = 10
 
     def __post_init__(self) -> None:
-        if self.norm not in ("linf", "l2"):
-            raise ValueError(f"norm.name must be 'linf' or 'l2', got {self.norm!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm.name={self.norm!r}: choose {' or '.join(NORMS)}")
         if not (0 < self.eps <= 1 if self.norm == "linf" else 0 < self.eps <= 64):
             hint = f" — did you mean {self.eps:g}/255 = {self.eps / 255:.5f}?" if self.eps > 1 else ""
             raise ValueError(f"norm.eps={self.eps} is out of range for {self.norm}: images are in [0, 1]{hint}")

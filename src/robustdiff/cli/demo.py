@@ -1,20 +1,9 @@
 """robustdiff-demo: the whole pipeline of the paper, shrunk to minutes on a CPU (Fashion-MNIST).
 
-    1. train a small class-conditional EDM                       <out>/generator/edm       (robustdiff-edm)
-    2. sample a labelled store from it                           <out>/generator/store     (robustdiff-generate)
-    3. measure the store: a classifier trained normally on real  <out>/generator/classifier,
-       data, its classifier FD and label agreement, and the       quality/                 (robustdiff-fid)
-       same numbers for held-out real images
-    4. TRADES without and with the generated images              <out>/runs/{real,generated} (robustdiff-train)
-    5. AutoAttack on the first test images, for both             <out>/runs/*/eval.json    (robustdiff-eval)
-    6. a report comparing the two, with the generator's quality  <out>/report.md, figures/ (robustdiff-report)
-
-Every stage reuses its directory: re-running the command finishes what an interruption left and skips what
-is done. Each stage is the same code the individual commands run, composed from the same Hydra configs
-(conf/train_edm.yaml, conf/generate.yaml, conf/train.yaml with experiment=fashionmnist_demo), so any
-stage can be redone by hand with the overrides this prints. A demonstration, not a paper setting: a
-generator trained for minutes gives poor images — the report shows how poor (classifier FD, label agreement
-against held-out real images) and points to `make study` for what better generators do.
+EDM, generated store, its quality, TRADES without and with it, AutoAttack and a report, under --out. The stages and their
+directories are listed in robustdiff.pipeline.demo, which runs them; re-running the command finishes what an
+interruption left and skips what is done. A demonstration, not a paper setting: `make study` shows what better
+generators do.
 """
 
 from __future__ import annotations

@@ -19,9 +19,7 @@ import pytorch_lightning as pl
 import torch
 
 from .datasets import VAL_SPLITS, VALIDATION_SIZE, get_info, load_split, split_validation
-from .mixing import LAST_BATCH, MixedBatchPlan
-
-GENERATED_SAMPLING = ("with_replacement", "permutation")
+from .mixing import GENERATED_SAMPLING, LAST_BATCH, MixedBatchPlan
 
 
 class MixedBatchLoader:

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..conf.schema import choices
 from ..utils.io import atomic_path
 
 VALIDATION_SIZE = 1024
 # How the validation images are chosen (docs/method.md, "TRADES"): "first" = the first n_val training images
 # (the reference; a fair sample where the stored order is random), "stratified" = a seeded sample with every
 # class in proportion to its size (for sets stored sorted by class, ImageFolder-style).
-VAL_SPLITS = ("first", "stratified")
+VAL_SPLITS = tuple(rule for rule in choices("val_split") if rule is not None)
 _TAG_VAL = 0x7A1  # seeds the stratified split apart from every training stream
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 

@@ -34,8 +34,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-GENERATED_SAMPLING = ("with_replacement", "permutation")
-LAST_BATCH = ("reference", "fill")
+from ..conf.schema import choices
+
+GENERATED_SAMPLING = choices("generated_sampling")
+LAST_BATCH = choices("last_batch")
 
 # Distinct stream tags so real and generated draws never share a seed.
 _TAG_REAL = 0x5EA1

@@ -245,7 +245,7 @@ def _evaluate(request: EvalRequest, s: dict[str, Any], sources: dict[str, str], 
     import torch
 
     from ..data.datasets import get_info
-    from ..models.loading import CheckpointError, load_wideresnet
+    from ..models.loading import CheckpointError, load_model, model_name
     from .autoattack import evaluate_autoattack
     from .paper import paper_result, paper_result_dict
     from .results import format_eps, write_eval_results
@@ -255,10 +255,11 @@ def _evaluate(request: EvalRequest, s: dict[str, Any], sources: dict[str, str], 
         log.info("setting %s = %s (%s)", key, format_eps(s[key]) if key == "eps" else s[key], sources[key])
     device = torch.device(s["device"])
     try:
-        model = load_wideresnet(s["model_path"], dataset=s["dataset"], weights=request.weights).to(device)
+        record = (read_json(request.target / "run.json") or {}).get("model") if request.target.is_dir() else None
+        model = load_model(s["model_path"], dataset=s["dataset"], weights=request.weights, record=record).to(device)
     except (CheckpointError, FileNotFoundError) as e:
         raise EvaluationError(str(e)) from None
-    arch = f"wrn-{model.depth}-{model.width}"
+    arch = model_name(model, record)
     s["model"] = arch
     if s["run_model"] and s["run_model"] != arch:
         log.warning("run.json names model %s but %s holds a %s", s["run_model"], s["model_path"], arch)

@@ -2,7 +2,8 @@
 
 ``export_run`` is what ``robustdiff-eval export`` runs: a run directory's model (or a checkpoint's), checked to
 give the same logits once exported, and its card with the accuracies of the run's eval.json. Checkpoints are
-read by ``robustdiff.models.loading`` (`load_wideresnet`).
+read by ``robustdiff.models.loading`` (`load_wideresnet`). A run of another architecture (run.json's
+``model._target_``) exports as its state dict plus its model config; RobustBench names and cards are WRN-only.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..models.loading import Architecture
+from ..models.loading import Architecture, is_wideresnet_record
 from ..models.wrn import WideResNet
 from ..utils.io import atomic_torch_save, atomic_write_json
 from .evaluate import EvaluationError, ModelTarget, read_json, resolve_settings, unfinished_run_warning
@@ -127,6 +128,9 @@ def export_run(request: ExportRequest) -> dict[str, Any]:
 
     check_export_paths(request)
     s, _ = resolve_settings(request)
+    record = (read_json(request.target / "run.json") or {}).get("model") if request.target.is_dir() else None
+    if not is_wideresnet_record(record):
+        return _export_other(request, s, record)
     try:
         model = load_wideresnet(s["model_path"], dataset=s["dataset"], weights=request.weights)
     except (CheckpointError, FileNotFoundError) as e:
@@ -150,6 +154,44 @@ def export_run(request: ExportRequest) -> dict[str, Any]:
         write_model_card(card, request.card)
         result["card"] = card
         log.info("wrote %s", request.card)
+    for w in result["warnings"]:
+        log.warning(w)
+    return result
+
+
+def _export_other(request: ExportRequest, s: dict[str, Any], record: Mapping[str, Any]) -> dict[str, Any]:
+    """A run of another architecture (run.json ``model._target_`` is not the WideResNet): ``{'state_dict',
+    'model'}`` — its weights and its model record, which `robustdiff.models.loading.load_recorded_model` rebuilds.
+    RobustBench's names and cards exist for the DMWideResNet only, so ``--card`` is refused."""
+    import torch
+
+    from ..data.datasets import get_info
+    from ..models.loading import CheckpointError, load_recorded_model
+
+    name = record.get("name") or record.get("_target_")
+    if request.card is not None:
+        raise ExportError(f"--card: RobustBench model cards and names apply to WideResNets (DMWideResNet) only; "
+                          f"{request.target} trained {name} ({record.get('_target_')}). Drop --card to export its "
+                          "state dict and model config")
+    try:
+        model = load_recorded_model(s["model_path"], record, dataset=s["dataset"])
+    except (CheckpointError, FileNotFoundError) as e:
+        raise ExportError(str(e)) from None
+    state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    path = Path(request.out)
+    atomic_torch_save({"state_dict": state_dict, "model": dict(record), "dataset": s["dataset"]}, path)
+    fresh = load_recorded_model(path, record, dataset=s["dataset"])
+    probe = torch.rand((4, get_info(s["dataset"]).image_shape[2]) + get_info(s["dataset"]).image_shape[:2],
+                       generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if not torch.equal(model(probe), fresh(probe)):
+            raise RuntimeError(f"{path}: the exported model does not reproduce the original logits")
+    note = (f"{name} is not a WideResNet: {path} holds its state dict and model config ({{'state_dict', 'model'}}; "
+            "robustdiff.models.loading.load_recorded_model rebuilds it), not a RobustBench DMWideResNet file")
+    log.info("wrote %s (%s)", path, name)
+    result: dict[str, Any] = {"model": str(path), "architecture": name, "card": None, "warnings": [note]}
+    if (unfinished := unfinished_run_warning(request.target)) is not None:
+        result["warnings"].append(unfinished)
     for w in result["warnings"]:
         log.warning(w)
     return result

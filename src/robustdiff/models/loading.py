@@ -14,6 +14,8 @@ The architecture (depth, width, classes, input channels) is read from the tensor
 are not part of a state dict: they come from the dataset.
 
 - `load_wideresnet`: a file or a loaded checkpoint → the model, with every check below;
+- `load_model`: the same for a run directory's model.pt, rebuilding from run.json's ``model`` record
+  (`load_recorded_model`) when the run trained another ``nn.Module`` (``model._target_``);
 - `read_checkpoint`, `extract_state_dict`, `infer_architecture`, `check_layout`, `build_wideresnet`:
   its steps, for callers that read a checkpoint their own way.
 """
@@ -198,3 +200,59 @@ def load_wideresnet(
         raise ValueError("load_wideresnet needs a dataset or an explicit mean and std")
     check_layout(state_dict, arch, where)
     return build_wideresnet(state_dict, arch, mean=mean, std=std)
+
+
+WIDERESNET_TARGET = "robustdiff.models.wrn.WideResNet"
+
+
+def is_wideresnet_record(record: Mapping[str, Any] | None) -> bool:
+    """Whether a run.json ``model`` record is a WideResNet (no ``_target_``: a WideResNet by name/depth/width)."""
+    return not record or record.get("_target_") in (None, WIDERESNET_TARGET)
+
+
+def load_recorded_model(path: str | os.PathLike, record: Mapping[str, Any], *, dataset: str,
+                        source: str | None = None) -> torch.nn.Module:
+    """The network a run.json ``model`` record describes (``_target_`` and its kwargs), with the weights of the
+    state dict at ``path`` loaded strictly, in float32 and eval mode on the CPU.
+
+    ``_target_`` must name a ``torch.nn.Module`` subclass (a CheckpointError otherwise): a run.json is data, so
+    nothing but a module class is ever called. The dataset supplies num_classes, in_channels, mean and std."""
+    from .build import build_model
+
+    where = source or str(path)
+    obj = read_checkpoint(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{where}: expected a state dict (a mapping of names to tensors), got "
+                              f"{type(obj).__name__}")
+    info = get_info(dataset)
+    try:
+        model = build_model(record, num_classes=info.num_classes, in_channels=info.image_shape[2], mean=info.mean,
+                            std=info.std, where="run.json model._target_")
+    except ValueError as e:
+        raise CheckpointError(f"{where}: cannot rebuild the run's model: {e}") from None
+    except TypeError as e:
+        raise CheckpointError(f"{where}: run.json's model kwargs don't fit {record.get('_target_')}: {e}") from None
+    try:
+        model.load_state_dict(dict(obj), strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{where}: the weights don't fit the model run.json records "
+                              f"({record.get('_target_')}): {str(e).splitlines()[0]} …") from None
+    return model.float().eval()
+
+
+def load_model(path: str | os.PathLike, *, dataset: str, weights: str = "ema",
+               record: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """A run's (or a bare file's) model: a WideResNet read from the tensor shapes (`load_wideresnet`) unless
+    ``record`` (run.json's ``model``) names another ``_target_``, which `load_recorded_model` rebuilds."""
+    if is_wideresnet_record(record):
+        return load_wideresnet(path, dataset=dataset, weights=weights)
+    return load_recorded_model(path, record, dataset=dataset)
+
+
+def model_name(model: torch.nn.Module, record: Mapping[str, Any] | None = None) -> str:
+    """"wrn-<depth>-<width>" for a WideResNet, else the record's name (or the class name)."""
+    if isinstance(model, WideResNet):
+        return f"wrn-{model.depth}-{model.width}"
+    return (record or {}).get("name") or str((record or {}).get("_target_") or type(model).__name__).rsplit(".", 1)[-1]

@@ -23,15 +23,16 @@ from torchmetrics import MeanMetric
 
 from ..adversarial.attacks import pgd_attack
 from ..adversarial.trades import AttackConfig, pgd_at_loss, standard_loss, trades_loss
+from ..conf.schema import choices
 from ..data.augment import augment_images, to_float_nchw
 from ..models.wrn import bn_parameter_names, set_bn_momentum
 from ..utils.hardware import COMPILE_CHOICES, allow_graphs
 from .ema import EMA
 from .schedule import CosineW
 
-LOSSES = ("trades", "pgd_at", "pgd_at_train", "ce")
-SELECT = ("pgd", "clean")  # the validation accuracy that picks the best epoch
-SCHEDULES = ("cosinew", "constant")
+LOSSES = choices("loss")
+SELECT = choices("eval.select")  # the validation accuracy that picks the best epoch
+SCHEDULES = choices("schedule")
 TRAIN_METRICS = ("train_loss", "train_loss_natural", "train_loss_robust", "train_acc_natural", "train_acc_adv")
 EVAL_METRICS = ("val_clean_acc", "val_pgd_acc", "test_clean_acc", "test_pgd_acc")
 

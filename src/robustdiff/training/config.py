@@ -1,16 +1,19 @@
-"""robustdiff-train's settings checked before any work: unknown keys, ranges and choices, each error naming the key
-and the fix. Imports no torch or Lightning, so the command line answers a bad value at once."""
+"""robustdiff-train's settings checked before any work against their schema (conf/schema.py: unknown keys, types,
+choices, bounds), then against each other; each error names the key and the fix. Imports no torch or Lightning, so the command line answers a bad value at once."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import types
+import typing
+from dataclasses import fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..adversarial.config import AttackConfig
+from ..conf.schema import TrainSchema, top_level_keys, walk
 from ..data.datasets import get_info
-from ..utils.choices import COMPILE_CHOICES, COMPILE_MODES, parse_fraction
+from ..utils.choices import parse_fraction
 
 
 class ConfigError(ValueError):
@@ -40,11 +43,8 @@ def attack_config(norm: DictConfig) -> AttackConfig:
 
 
 def _known_keys() -> set[str]:
-    """The top-level keys of robustdiff-train's config: train.yaml's own and its groups."""
-    base = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "train.yaml"))
-    groups = {next(iter(d)) if isinstance(d, dict) else d for d in base.get("defaults", [])}
-    groups = {g.split("/")[0] for g in groups if not g.startswith(("_self_", "override"))}
-    return {str(k) for k in base if k != "defaults"} | groups
+    """The top-level keys of robustdiff-train's config: the schema's fields."""
+    return top_level_keys()
 
 
 def check_keys(cfg: DictConfig) -> None:
@@ -60,96 +60,141 @@ def check_keys(cfg: DictConfig) -> None:
                               f"key would change nothing but the run's name")
 
 
-def validate(cfg: DictConfig) -> AttackConfig:
-    """Every range check that must fail before any data is read or any step is taken."""
+def _shown(value: Any) -> str:
+    return "null" if value is None else repr(value) if isinstance(value, str) else str(value)
+
+
+def _written(value: Any) -> str:
+    """A value as it is written on the command line."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _choice_text(meta: dict) -> str:
+    options = [_written(v) + (f" ({what})" if what else "") for v, what in meta["choices"].items()]
+    return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
+
+
+def _bounds_text(meta: dict) -> str:
+    low = ("ge", ">=") if "ge" in meta else ("gt", ">") if "gt" in meta else None
+    high = ("le", "<=") if "le" in meta else ("lt", "<") if "lt" in meta else None
+    if low and high:
+        return (f"in {'[' if low[0] == 'ge' else '('}{meta[low[0]]:g}, {meta[high[0]]:g}"
+                f"{']' if high[0] == 'le' else ')'}")
+    bound = low or high
+    return f"{bound[1]} {meta[bound[0]]:g}" if bound else ""
+
+
+def _in_bounds(value: float, meta: dict) -> bool:
+    return (("ge" not in meta or value >= meta["ge"]) and ("gt" not in meta or value > meta["gt"])
+            and ("le" not in meta or value <= meta["le"]) and ("lt" not in meta or value < meta["lt"]))
+
+
+def check_value(key: str, value: Any, kind: Any, meta: dict) -> None:
+    """One setting against its schema field (type ``kind``, metadata ``meta``): a ConfigError names the key, the
+    accepted values or bounds, and how to write one."""
+    optional = typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind)
+    if optional:
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    help_text = f" ({meta['help']})" if "help" in meta else ""
+    null_text = f", or null ({meta['null']})" if optional and "null" in meta else ", or null" if optional else ""
+    if "choices" in meta:
+        accepted = meta["choices"]
+        plain = str(value) if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool) \
+            else value
+        if not any(plain == v and type(plain) is type(v) for v in accepted):
+            raise ConfigError(f"{key}={_shown(value)}: choose {_choice_text(meta)}")
+        return
+    if value is None and optional:
+        return
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={_shown(value)} must be true or false")
+    elif kind is int:
+        if not isinstance(value, int) or isinstance(value, bool) or not _in_bounds(value, meta):
+            bounds = _bounds_text(meta)
+            raise ConfigError(f"{key}={_shown(value)} must be an integer{' ' + bounds if bounds else ''}"
+                              f"{help_text}{null_text}")
+    elif kind is float:
+        example = meta.get("example", "0.1")
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            number = parse_fraction(value)
+        except (TypeError, ValueError):
+            or_null = f" (or null: {meta['null']})" if optional and "null" in meta else " (or null)" if optional \
+                else ""
+            raise ConfigError(f"{key}={_shown(value)} is not a number{help_text}: write e.g. {key}={example}"
+                              f"{or_null}") from None
+        if not _in_bounds(number, meta):
+            raise ConfigError(f"{key}={_shown(value)} must be {_bounds_text(meta)}{help_text}{null_text}")
+
+
+def check_schema(cfg: DictConfig) -> None:
+    """Every key of ``cfg`` that the schema (conf/schema.py) describes, checked against it: unknown top-level keys,
+    unknown keys of its nested nodes (``norm``, ``eval``), types, choices and bounds. A key the config lacks (a run
+    saved before it existed) is left to the code's default."""
     check_keys(cfg)
+    for key, f, nested in walk(TrainSchema):
+        if not f.metadata and nested is None:
+            continue  # an open node or a free-form value (a path, a name)
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT:
+            continue
+        if nested is not None:
+            if not isinstance(value, DictConfig):
+                raise ConfigError(f"{key}={_shown(value)}: {key} is a group of settings "
+                                  f"({', '.join(x.name for x in fields(nested))}); set them as {key}.<name>=...")
+            unknown = sorted(set(map(str, value)) - {x.name for x in fields(nested)})
+            if unknown:
+                raise ConfigError(f"{key}.{unknown[0]}: not a robustdiff-train setting; {key} has "
+                                  f"{', '.join(x.name for x in fields(nested))}")
+            continue
+        check_value(key, value, f.type, dict(f.metadata))
+
+
+_ABSENT = object()
+
+
+def validate(cfg: DictConfig) -> AttackConfig:
+    """Every check that must fail before any data is read or any step is taken: the schema's (types, choices,
+    bounds), then the ones that relate settings to each other or to the dataset."""
+    check_schema(cfg)
+
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
-
-    need(isinstance(cfg.get("progress", True), bool), f"progress={cfg.get('progress')!r}: true or false")
-
-    def number(key: str) -> float:
-        value = OmegaConf.select(cfg, key)
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is not a number")
-        try:
-            return parse_fraction(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}={value!r} is not a number (write e.g. 0.1)") from None
-
-    def integer(key: str, low: int) -> int:
-        value = OmegaConf.select(cfg, key)
-        need(isinstance(value, int) and not isinstance(value, bool) and value >= low,
-             f"{key}={value!r} must be an integer >= {low}")
-        return value
 
     try:
         info = get_info(cfg.dataset.name)
     except ValueError as e:
         raise ConfigError(f"dataset.name: {e}") from None
-    integer("epochs", 1)
-    integer("batch_size", 2)
-    integer("seed", 0)
-    need(number("lr") > 0, f"lr={cfg.lr} must be > 0")
-    need(0 <= number("momentum") < 1, f"momentum={cfg.momentum} must be in [0, 1)")
-    need(number("beta") >= 0, f"beta={cfg.beta} must be >= 0")
-    need(0 <= number("label_smoothing") < 1, f"label_smoothing={cfg.label_smoothing} must be in [0, 1)")
-    need(0 < number("ema_decay") < 1, f"ema_decay={cfg.ema_decay} must be in (0, 1)")
-    need(0 <= number("ema_warmup") <= 1, f"ema_warmup={cfg.ema_warmup} must be in [0, 1]")
-    need(cfg.schedule in ("cosinew", "constant"), f"schedule={cfg.schedule!r}: choose cosinew (the reference's "
-         "one-cycle schedule) or constant")
-    need(cfg.generated_sampling in ("with_replacement", "permutation"), f"generated_sampling="
-         f"{cfg.generated_sampling!r}: choose with_replacement (the reference) or permutation")
-    depth = cfg.model.depth
-    need(isinstance(depth, int) and depth >= 10 and (depth - 4) % 6 == 0,
-         f"model.depth={depth!r}: a WideResNet's depth is 6·n + 4 (10, 16, 22, 28, 34, 40, 70, ...)")
-    integer("model.width", 1)
-    try:
-        ratio = None if cfg.ratio is None else float(cfg.ratio)
-    except (TypeError, ValueError):
-        raise ConfigError(f"ratio={cfg.ratio!r} is not a number: the real fraction of each batch, in [0, 1]") from None
+    if "depth" in cfg.model:  # a WideResNet
+        depth = cfg.model.depth
+        need(isinstance(depth, int) and depth >= 10 and (depth - 4) % 6 == 0,
+             f"model.depth={depth!r}: a WideResNet's depth is 6·n + 4 (10, 16, 22, 28, 34, 40, 70, ...)")
+    if "width" in cfg.model:
+        check_value("model.width", cfg.model.width, int, {"ge": 1})
+    ratio = None if cfg.ratio is None else parse_fraction(cfg.ratio)
     if not cfg.generated:
         need(ratio in (None, 1.0), f"ratio={cfg.ratio} needs generated data: it is the fraction of REAL images in each "
              "batch, the rest coming from generated=<store>; give generated=... or drop ratio (real data only)")
         cfg.ratio = 1.0
     else:
         cfg.ratio = DEFAULT_RATIO if ratio is None else ratio
-    need(0 <= float(cfg.ratio) <= 1, f"ratio={cfg.ratio} is the real fraction of each batch and must be in [0, 1]")
-    need(number("weight_decay") >= 0, f"weight_decay={cfg.weight_decay} must be >= 0")
-    integer("val_size", 1)
-    need(cfg.get("val_split") in (None, "first", "stratified"), f"val_split={cfg.get('val_split')!r}: choose first "
-         "(the first val_size training images, the reference), stratified (a seeded sample of every class) or null "
-         "(the dataset's rule: stratified for class-sorted sets such as tinyimagenet, first otherwise)")
-    integer("val_seed", 0)
-    need(cfg.get("last_batch", "reference") in ("reference", "fill"), f"last_batch={cfg.get('last_batch')!r}: "
-         "choose reference (a short batch where a permutation of the real images ends, topped up with generated "
-         "images when there are any) or fill (every batch full, continuing into the next permutation)")
-    need(cfg.limit_test is None or (isinstance(cfg.limit_test, int) and not isinstance(cfg.limit_test, bool)
-                                    and cfg.limit_test >= 1),
-         f"limit_test={cfg.limit_test!r} must be a whole number >= 1 (the first N test images), or null for the "
-         "whole test set")
-    need(cfg.limit_train is None or (isinstance(cfg.limit_train, int) and cfg.limit_train > cfg.val_size + 1),
-         f"limit_train={cfg.limit_train!r} must leave training images after the {cfg.val_size} validation images")
+    need(cfg.limit_train is None or cfg.limit_train > cfg.val_size + 1,
+         f"limit_train={cfg.limit_train!r} must leave training images after the {cfg.val_size} validation images: "
+         f"use limit_train > {cfg.val_size + 1} or a smaller val_size")
     n_real = min(cfg.limit_train or info.n_train, info.n_train) - cfg.val_size
     need(cfg.batch_size <= n_real, f"batch_size={cfg.batch_size} is larger than the {n_real:,} real training images "
          f"of {info.name} ({'limit_train=' + str(cfg.limit_train) if cfg.limit_train else info.n_train} minus "
          f"val_size={cfg.val_size}); use batch_size <= {n_real}")
-    need(isinstance(cfg.eval.steps, int) and cfg.eval.steps >= 1, f"eval.steps={cfg.eval.steps!r} must be >= 1")
-    need(cfg.loss in ("trades", "pgd_at", "pgd_at_train", "ce"), f"loss={cfg.loss!r}: choose trades (the paper), "
-         "pgd_at (the reference's: eval-mode attack, plain CE), pgd_at_train (batch-statistics attack, label "
-         "smoothing) or ce (standard training, no attack: for the classifiers that measure generated data)")
-    need(cfg.eval.get("select", "pgd") in ("pgd", "clean"), f"eval.select={cfg.eval.get('select')!r}: choose pgd "
-         "(best epoch = highest validation PGD accuracy, the reference) or clean")
-    need(isinstance(cfg.eval.test_every, int) and cfg.eval.test_every >= 1,
-         f"eval.test_every={cfg.eval.test_every!r} must be >= 1")
-    precisions = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "auto")
-    need(str(cfg.precision) in precisions, f"precision={cfg.precision!r}: choose one of {', '.join(precisions)} "
-         "(32-true is the reference; bf16-mixed autocasts the network and keeps fp32 weights and losses; auto picks "
-         "bf16-mixed where the hardware has bf16 units)")
-    need(cfg.get("compile", False) in COMPILE_CHOICES, f"compile={cfg.get('compile')!r}: choose false, true or a "
-         f"torch.compile mode ({', '.join(COMPILE_MODES)})")
     devices = cfg.trainer.devices
     world = (devices if isinstance(devices, int) and devices > 0 else 1) * int(cfg.trainer.num_nodes)
     need(cfg.batch_size % world == 0, f"batch_size={cfg.batch_size} must be divisible by the {world} DDP processes")
-    return attack_config(cfg.norm)
+    attack = attack_config(cfg.norm)
+    # Last, as it imports torch: every other check answers at once. The network's class imports, and is an
+    # nn.Module, before any data is read.
+    from ..models.build import model_class
+
+    model_class(OmegaConf.select(cfg, "model._target_"), error=ConfigError)
+    return attack

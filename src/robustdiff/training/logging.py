@@ -24,10 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Checkpoint
 
 from ..adversarial.attacks import parse_fraction, pgd_attack
+from ..conf.schema import WANDB_MODES
 from ..utils.io import atomic_write_json
 
 RECORD = "wandb.json"  # in the run directory: {"id", "project", "entity", "group", "job_type"}
-MODES = ("auto", "online", "offline", "disabled")
+MODES = WANDB_MODES
 # The validation metric whose W&B summary is its maximum (the module logs it every epoch).
 VAL_METRIC = "epoch/val_pgd_acc"
 
@@ -89,13 +90,32 @@ def wandb_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def wandb_logger(cfg: DictConfig, run_dir: Path, name: str, job_type: str, group: str | None = None):
-    """The WandbLogger of a robustdiff job (``job_type``: train or edm); resumes the directory's W&B run."""
+    """The WandbLogger of a robustdiff job (``job_type``: train or edm) from its ``logger`` group's settings;
+    resumes the directory's W&B run."""
+    return job_wandb_logger(run_dir=run_dir, run_name=name, job_type=job_type, job_config=cfg, sweep_group=group,
+                            project=cfg.logger.project, entity=cfg.logger.get("entity"),
+                            group=cfg.logger.get("group"), tags=cfg.logger.get("tags"), mode=cfg.logger.get("mode"))
+
+
+def job_wandb_logger(*, run_dir: str | os.PathLike, run_name: str, job_type: str, job_config: DictConfig,
+                     project: str, entity: str | None = None, group: str | None = None, tags: Any = (),
+                     mode: str | None = "auto", sweep_group: str | None = None):
+    """The ``_target_`` of ``logger=wandb`` (conf/logger/wandb.yaml): the group's settings (project, entity,
+    group, tags, mode) plus what the job knows at run time (its directory, name, job type and config; the sweep's
+    group). The directory's ``wandb.json`` wins over project and entity, so that a resumed job or one whose
+    directory moved logs into the same W&B run; a sweep's group is used unless ``logger.group`` is given."""
+    from ..utils.extras import missing_extra
+    from .config import ConfigError
+
+    if missing := missing_extra("wandb", "logger=wandb"):
+        raise ConfigError(missing)
+    run_dir = Path(run_dir)
     record = read_record(run_dir) or {}
     return pl.loggers.WandbLogger(
-        project=record.get("project") or cfg.logger.project, entity=record.get("entity") or cfg.logger.get("entity"),
-        group=cfg.logger.get("group") or group, tags=list(cfg.logger.get("tags") or []), name=name,
-        save_dir=wandb_dir(run_dir), mode=resolve_mode(cfg.logger.get("mode")), id=run_id(run_dir),
-        resume="allow", job_type=job_type, config=wandb_config(cfg),
+        project=record.get("project") or project, entity=record.get("entity") or entity,
+        group=group or sweep_group, tags=list(tags or []), name=run_name, save_dir=wandb_dir(run_dir),
+        mode=resolve_mode(mode), id=run_id(run_dir), resume="allow", job_type=job_type,
+        config=wandb_config(job_config),
     )
 
 
@@ -264,7 +284,7 @@ class WandbRun(Checkpoint):
         return {}
 
 
-__all__ = ["WandbRun", "epochs_from_one", "finish", "read_record", "resolve_mode", "resume_run", "run_id", "wandb_config", "wandb_dir",
+__all__ = ["WandbRun", "epochs_from_one", "finish", "job_wandb_logger", "read_record", "resolve_mode", "resume_run", "run_id", "wandb_config", "wandb_dir",
            "wandb_logger"]
 
 

@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..adversarial.trades import AttackConfig
 from ..data.datamodule import RobustDataModule
 from ..data.datasets import get_info
-from ..models.wrn import WideResNet
+from ..models.build import ModelTargetError, dataset_kwargs, model_class, model_kwargs, unknown_kwargs, wrap
+from ..models.wrn import BN_MOMENTUM, set_bn_momentum
 from ..utils.hardware import resolve_precision
 from ..utils.io import remove_orphan_temporaries
 from ..utils.lock import DirectoryLock
@@ -30,11 +33,34 @@ from .resume import check_resume, config_identity, write_run_files
 from .trainer import is_launching_process, job_warnings, make_trainer, user_callbacks
 
 
+def model_record(cfg: DictConfig) -> dict[str, Any]:
+    """run.json's ``model``: the resolved model node (``_target_``, ``name`` and the constructor's kwargs), checked
+    to name an importable ``nn.Module`` class (a ConfigError otherwise, before any data is read)."""
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    if not isinstance(node, dict):
+        raise ConfigError(f"model={node!r}: choose a model config (model=wrn-28-10, model=preactresnet18) or give "
+                          "model._target_=<package.Class> with its kwargs")
+    try:
+        cls = model_class(node.get("_target_"))
+    except ModelTargetError as e:
+        raise ConfigError(str(e)) from None
+    if extra := unknown_kwargs(cls, model_kwargs(node)):
+        raise ConfigError(
+            f"model._target_={node['_target_']!r} does not take {', '.join('model.' + k for k in extra)}: "
+            f"remove {'them' if len(extra) > 1 else 'it'} ({' '.join('~model.' + k for k in extra)} on the command "
+            "line) or choose a model config of its own; num_classes, in_channels, mean and std come from the dataset")
+    record = {"name": node.get("name"), **node}
+    for key in ("depth", "width"):  # WideResNet readers (reports, export) read these as integers
+        if key in record:
+            record[key] = int(record[key])
+    return record
+
+
 def describe(cfg: DictConfig, attack: AttackConfig, n_generated: int) -> dict[str, Any]:
     info = get_info(cfg.dataset.name)
     return {
         "name": None, "dataset": info.name, "data_dir": cfg.data_dir,
-        "model": {"name": cfg.model.get("name"), "depth": int(cfg.model.depth), "width": int(cfg.model.width)},
+        "model": model_record(cfg),
         "num_classes": info.num_classes, "in_channels": info.image_shape[2],
         "norm": {"name": attack.norm, "eps": attack.eps, "step": attack.step, "steps": attack.steps},
         "loss": cfg.loss, "generated": cfg.generated, "n_generated": n_generated,
@@ -62,8 +88,19 @@ def build_datamodule(cfg: DictConfig) -> RobustDataModule:
 def build_module(cfg: DictConfig, attack: AttackConfig, iterations_per_epoch: int) -> AdversarialTraining:
     info = get_info(cfg.dataset.name)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = WideResNet(depth=int(cfg.model.depth), width=int(cfg.model.width), num_classes=info.num_classes,
-                       in_channels=info.image_shape[2], mean=info.mean, std=info.std)
+    record = model_record(cfg)
+    cls = model_class(record["_target_"])
+    accepted = dataset_kwargs(cls, num_classes=info.num_classes, in_channels=info.image_shape[2], mean=info.mean,
+                              std=info.std)
+    node = OmegaConf.create({k: v for k, v in record.items() if k != "name"})
+    model = instantiate(node, **accepted, _convert_="all")
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model._target_={record['_target_']!r} built a {type(model).__name__}, not a "
+                          "torch.nn.Module; point it at the network's class")
+    model = wrap(model, accepted, in_channels=info.image_shape[2], mean=info.mean, std=info.std)
+    # Training's BatchNorm momentum (1 on the first step, then 0.01) from the start, whatever the network's default:
+    # a run resumed from a checkpoint trains on with the same momentum as one that never stopped.
+    set_bn_momentum(model, BN_MOMENTUM)
     return AdversarialTraining(
         model, attack, epochs=cfg.epochs, iterations_per_epoch=iterations_per_epoch, loss=cfg.loss,
         beta=float(cfg.beta), label_smoothing=float(cfg.label_smoothing), lr=float(cfg.lr),

@@ -1,6 +1,7 @@
-"""The Trainer every robustdiff job (robustdiff-train and robustdiff-edm) runs in: the logger (csv, wandb or
-none), the user's callbacks (the ``callbacks`` group), the Trainer arguments robustdiff sets itself and refuses
-to see changed, and the warnings Lightning gives about robustdiff's deliberate choices, silenced while a job runs."""
+"""The Trainer every robustdiff job (robustdiff-train and robustdiff-edm) runs in: the logger (built from the
+``logger`` group's ``_target_``: csv, wandb or none), the user's callbacks (the ``callbacks`` group), the Trainer
+arguments robustdiff sets itself and refuses to see changed, and the warnings Lightning gives about robustdiff's
+deliberate choices, silenced while a job runs."""
 
 from __future__ import annotations
 
@@ -17,12 +18,11 @@ import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from ..utils.extras import missing_extra
 from ..utils.hardware import resolve_precision
 from ..utils.naming import SWEEP_ENV
 from .callbacks import AtomicCheckpointIO, EpochBar
 from .config import ConfigError
-from .logging import WandbRun, epochs_from_one, wandb_logger
+from .logging import WandbRun, epochs_from_one
 
 # Lightning's advertisement for its hosted logger on every Trainer start: noise in a run's console.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
@@ -51,18 +51,61 @@ def is_launching_process() -> bool:
     return True
 
 
+# Keys of the logger group that robustdiff reads itself (the option's name; the W&B callback's log_model and
+# examples): given to the logger's _target_ only when it takes them (CSVLogger's name is its folder).
+LOGGER_OWN_KEYS = ("name", "log_model", "examples")
+# What a job knows only at run time, given to the logger's _target_ under these names when it takes them.
+LOGGER_RUNTIME = {
+    "save_dir": "the run directory",
+    "run_dir": "the run directory",
+    "run_name": "the run directory's name",
+    "job_type": "train or edm",
+    "job_config": "the job's config",
+    "sweep_group": "the sweep's name under -m",
+}
+
+
 def build_logger(cfg: DictConfig, run_dir: Path, name: str, job_type: str = "train"):
-    kind = cfg.logger.name
-    if kind == "none":
+    """The ``logger`` group's Lightning logger, built with ``hydra.utils.instantiate`` from its ``_target_``, its
+    settings and the run-time arguments the target takes (LOGGER_RUNTIME), with the ``epoch`` it logs counted
+    from 1; False (no logger) for an option without a ``_target_`` (``logger=none``)."""
+    import importlib
+    import inspect
+
+    from hydra.utils import instantiate
+
+    node = cfg.get("logger")
+    path = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not path:
         return False
-    if kind == "csv":
-        # csv/version_<k>/metrics.csv: a resumed run starts a new version rather than overwriting the old log.
-        return epochs_from_one(pl.loggers.CSVLogger(save_dir=str(run_dir), name="csv"))
-    if kind == "wandb":
-        if missing := missing_extra("wandb", "logger=wandb"):
-            raise ConfigError(missing)
-        return epochs_from_one(wandb_logger(cfg, run_dir, name, job_type, group=os.environ.get(SWEEP_ENV)))
-    raise ConfigError(f"logger.name={kind!r}: choose csv, wandb or none")
+    module, _, attr = str(path).rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"logger._target_={path}: cannot be imported ({type(e).__name__}: {e}); give the full "
+                          "import path of a Lightning logger (pytorch_lightning.loggers.<Class>) or choose "
+                          "logger=csv|wandb|none") from None
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): it gets no run-time arguments
+        params = {}
+    settings = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
+                if k not in LOGGER_OWN_KEYS or k in params}
+    runtime = {"save_dir": str(run_dir), "run_dir": str(run_dir), "run_name": name, "job_type": job_type,
+               "job_config": cfg, "sweep_group": os.environ.get(SWEEP_ENV)}
+    runtime = {k: v for k, v in runtime.items() if k in params}
+    if taken := sorted(set(settings) & set(runtime)):
+        raise ConfigError(f"logger.{taken[0]}: robustdiff sets this itself ({LOGGER_RUNTIME[taken[0]]}); remove "
+                          "the override")
+    try:
+        logger = instantiate(OmegaConf.create(settings), _partial_=True)(**runtime)
+    except TypeError as e:
+        raise ConfigError(f"logger._target_={path}: {e}; remove the logger.<key> setting it does not "
+                          "take, or fix its spelling") from None
+    if not isinstance(logger, pl.loggers.Logger):
+        raise ConfigError(f"logger._target_={path}: builds a {type(logger).__name__}, not a Lightning logger "
+                          "(pytorch_lightning.loggers.Logger); choose logger=csv|wandb|none")
+    return epochs_from_one(logger)
 
 
 def user_callbacks(cfg: DictConfig) -> list[pl.Callback]:

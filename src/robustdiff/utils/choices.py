@@ -3,8 +3,9 @@ them before torch and Lightning load."""
 
 from __future__ import annotations
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-COMPILE_CHOICES = (False, True, *COMPILE_MODES)
+from ..conf.schema import COMPILE_MODES, choices  # noqa: F401  (COMPILE_MODES: re-exported)
+
+COMPILE_CHOICES = choices("compile")  # false, true or a torch.compile mode (COMPILE_MODES)
 
 
 def parse_fraction(value: str | float) -> float:
