@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .normalize import register_normalization
+
 
 class PreActBlock(nn.Module):
     expansion = 1
@@ -52,14 +54,8 @@ class PreActResNet(nn.Module):
         if width < 1 or num_classes < 2 or in_channels < 1:
             raise ValueError(f"PreActResNet: width >= 1, num_classes >= 2, in_channels >= 1 (got {width}, "
                              f"{num_classes}, {in_channels})")
-        mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
-        std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
-        if mean_t.numel() not in (1, in_channels) or std_t.numel() not in (1, in_channels):
-            raise ValueError(f"PreActResNet: mean/std need 1 or {in_channels} values, got {mean_t.tolist()} / "
-                             f"{std_t.tolist()}")
         self.width, self.num_classes, self.in_channels = width, num_classes, in_channels
-        self.register_buffer("mean", mean_t.expand(in_channels).clone().view(1, in_channels, 1, 1), persistent=False)
-        self.register_buffer("std", std_t.expand(in_channels).clone().view(1, in_channels, 1, 1), persistent=False)
+        register_normalization(self, mean, std, in_channels, "PreActResNet")
         self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
         planes, layers = width, []
         for i, n in enumerate(num_blocks):

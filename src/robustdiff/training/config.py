@@ -20,6 +20,20 @@ class ConfigError(ValueError):
     pass
 
 
+def need(cond: bool, msg: str) -> None:
+    """A ConfigError with ``msg`` unless ``cond`` holds."""
+    if not cond:
+        raise ConfigError(msg)
+
+
+def dataset_info(cfg: DictConfig):
+    """The DatasetInfo of ``dataset.name``; an unknown name is a ConfigError listing the datasets."""
+    try:
+        return get_info(cfg.dataset.name)
+    except ValueError as e:
+        raise ConfigError(f"dataset.name: {e}") from None
+
+
 DEFAULT_RATIO = 0.3  # real fraction per batch with generated data when none is given (the paper's 1M recipes)
 
 
@@ -159,15 +173,7 @@ def validate(cfg: DictConfig) -> AttackConfig:
     """Every check that must fail before any data is read or any step is taken: the schema's (types, choices,
     bounds), then the ones that relate settings to each other or to the dataset."""
     check_schema(cfg)
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise ConfigError(msg)
-
-    try:
-        info = get_info(cfg.dataset.name)
-    except ValueError as e:
-        raise ConfigError(f"dataset.name: {e}") from None
+    info = dataset_info(cfg)
     if "depth" in cfg.model:  # a WideResNet
         depth = cfg.model.depth
         need(isinstance(depth, int) and depth >= 10 and (depth - 4) % 6 == 0,

@@ -15,12 +15,11 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from ..data.datamodule import RobustDataModule
-from ..data.datasets import get_info
 from ..models.unet import UNET_PRESETS, resolution_pyramid
 from ..utils.io import atomic_write_json, remove_orphan_temporaries
 from ..utils.lock import DirectoryLock
 from .callbacks import load_checkpoint_file
-from .config import ConfigError
+from .config import ConfigError, dataset_info, need
 from .diffusion import EDMSnapshot, EDMTraining, edm_summary, network_kwargs
 from .logging import finish as finish_wandb
 from .resume import EDM_RESUMABLE_CHANGES, check_resume, config_identity, write_run_files
@@ -34,14 +33,7 @@ IDENTITY_FIELDS = ("dataset", "resolution", "label_dim", "network", "kwargs", "b
 
 def validate(cfg: DictConfig) -> dict[str, Any]:
     """Range checks that must fail before any data is read; returns the run's description (run.json)."""
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise ConfigError(msg)
-
-    try:
-        info = get_info(cfg.dataset.name)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    info = dataset_info(cfg)
     e = cfg.edm
     need(e.network in UNET_PRESETS, f"edm.network={e.network!r}: choose a SongUNet preset of {sorted(UNET_PRESETS)}")
     size, channels = info.image_shape[0], info.image_shape[2]
