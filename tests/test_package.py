@@ -65,7 +65,7 @@ def test_help_lists_each_clis_own_groups_including_experiment():
         return {ln.split(":")[0] for ln in block.splitlines()[2:] if ":" in ln}
 
     train, _ = run_cli("train", "--help")
-    assert groups(train) == {"dataset", "norm", "model", "trainer", "logger", "experiment", "callbacks", "debug"}
+    assert groups(train) == {"dataset", "norm", "model", "data", "trainer", "logger", "experiment", "callbacks", "debug"}
     assert "cifar10_linf_wrn28_10_1m" in train and train.startswith("robustdiff-train")
     edm, _ = run_cli("train_edm", "--help")
     assert groups(edm) == {"dataset", "edm", "trainer", "logger"}

@@ -46,3 +46,9 @@ def test_a_value_out_of_bounds_names_the_key_and_the_bounds(override, bound):
     with pytest.raises(ConfigError) as e:
         validate(compose_train(*TINY, override))
     assert re.search(rf"{key}=\S+ .*{re.escape(bound)}", str(e.value)), str(e.value)
+
+
+def test_the_attack_losses_are_the_schemas_eval_losses():
+    from robustdiff.adversarial.attacks import LOSSES
+
+    assert tuple(LOSSES) == choices("eval.val_loss") == choices("eval.test_loss") == ("cw", "ce")

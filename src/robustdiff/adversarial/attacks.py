@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..conf.schema import ATTACK_LOSSES
 from ..utils.choices import parse_fraction  # noqa: F401  (defined torch-free, re-exported)
 
 NORMS = ("linf", "l2")
@@ -60,7 +61,11 @@ def _ce_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), y, reduction="sum")
 
 
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"ce": _ce_sum, "cw": cw_loss}
+# The names (and their order) are the schema's eval.val_loss/eval.test_loss choices (conf.schema.ATTACK_LOSSES):
+# a loss named there without a function here fails at import.
+_LOSS_FUNCTIONS = {"ce": _ce_sum, "cw": cw_loss}
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    name: _LOSS_FUNCTIONS[name] for name in ATTACK_LOSSES}
 
 
 def _rand_like(x: torch.Tensor, generator: torch.Generator | None, normal: bool = False) -> torch.Tensor:
@@ -100,6 +105,8 @@ def pgd_attack(
     """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {loss!r}")
     loss_fn = LOSSES[loss]
     x = x.detach()
     if random_start:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 # torch is imported by the library functions, when they run: --help answers at once.
+from ..conf.schema import ATTACK_LOSSES
 from ..evaluation.evaluate import ATTACKS, EvalRequest, EvaluationError, evaluate
 from .common import argument_parser
 
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", default=None, help="PGD step size (default: the run's step, else eps/4)")
     p.add_argument("--pgd-steps", type=int, default=None,
                    help="PGD iterations (default: the run's eval.steps from run.json, else 40)")
-    p.add_argument("--pgd-loss", choices=("ce", "cw"), default=None,
+    p.add_argument("--pgd-loss", choices=ATTACK_LOSSES, default=None,
                    help="PGD loss (default: the run's eval.test_loss from run.json, else ce)")
     p.add_argument("--n-examples", type=int, default=None, help="first N test images (default: all)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default 128)")

@@ -4,11 +4,13 @@ so that ``--help``, ``--cfg``, ``--info`` and shell completion answer at once.""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, NoReturn
 
 from omegaconf import OmegaConf
 
@@ -91,6 +93,51 @@ def discard_hydra_files(run_dir: Path) -> None:
         (pending / name).unlink(missing_ok=True)
     if not any(pending.iterdir()):
         pending.rmdir()
+
+
+def refuse_job(prog: str, error: Exception, run_dir: Path) -> NoReturn:
+    """Refuse a training job in one line (``<prog>: error: ...``, exit status 2), leaving no run directory
+    behind when Hydra made it for this job only, and an existing run's recorded configuration as it was."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    if not remove_unused_run_dir(run_dir):  # a rejected config leaves no run directory behind
+        discard_hydra_files(run_dir)  # and an existing run's recorded configuration as it was
+    sys.exit(2)
+
+
+def run_training_job(prog: str, run_dir: Path, job: Callable[[], dict[str, Any]],
+                     after: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run a training job (robustdiff-train, robustdiff-edm) in its Hydra task and return its summary.
+
+    ``job()`` runs under ``sweep.ddp_job`` (under -m: DDP ranks run this job only). What the user can fix (a
+    ConfigError, a locked run directory, a bad store, dataset or checkpoint file) is refused by ``refuse_job``
+    (exit 2); a full disk is one line naming the file (exit 1); the accepted job's Hydra files are published
+    either way (a no-op after a refusal). ``after(summary)`` runs next (robustdiff-train: wait_for_requeue);
+    then a run stopped by a signal exits with 128 + the signal (143 for SIGTERM), so ``a && b`` chains stop."""
+    # Imported here, not at the top: --help, --cfg, --info and completion need none of torch/Lightning.
+    from ..data.datasets import DatasetError
+    from ..data.store import StoreError
+    from ..training.callbacks import CheckpointFileError
+    from ..training.config import ConfigError
+    from ..utils.lock import DirectoryLockedError
+    from .sweep import ddp_job
+
+    try:
+        with ddp_job():  # under -m: DDP ranks run this job only
+            summary = job()
+    except (ConfigError, DirectoryLockedError, StoreError, DatasetError, CheckpointFileError) as e:
+        refuse_job(prog, e, run_dir)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"{prog}: error: {e.strerror}", file=sys.stderr)  # full disk: says which file; the rest is intact
+        sys.exit(1)
+    finally:
+        publish_hydra_files(run_dir)  # a no-op after a refusal (already discarded)
+    if after is not None:
+        after(summary)
+    if summary.get("signal"):
+        sys.exit(128 + summary["signal"])  # saved, but not done: `a && b` chains stop (143 for SIGTERM)
+    return summary
 
 
 def _undecodable(arg: str) -> int | None:

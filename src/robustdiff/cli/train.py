@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import sys
 from pathlib import Path
 
@@ -14,20 +13,12 @@ from ..utils.extras import missing_extra
 from .hydra_conf import (  # noqa: F401  (CONF_DIR: for callers that compose configs)
     CONF_DIR,
     CONFIG_PATH,
-    discard_hydra_files,
-    publish_hydra_files,
-    remove_unused_run_dir,
+    refuse_job,
     run_hydra_command,
+    run_training_job,
     task_started,
 )
 from .sweep import own_job_argv
-
-
-def _refuse(error: Exception, run_dir: Path) -> None:
-    print(f"robustdiff-train: error: {error}", file=sys.stderr)
-    if not remove_unused_run_dir(run_dir):  # a rejected config leaves no run directory behind
-        discard_hydra_files(run_dir)  # and an existing run's recorded configuration as it was
-    sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
@@ -39,30 +30,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         validate(cfg)
     except ConfigError as e:
-        _refuse(e, run_dir)
+        refuse_job("robustdiff-train", e, run_dir)
     # Imported here, not at the top: --help, --cfg, --info and completion need none of torch/Lightning.
-    from ..data.datasets import DatasetError
-    from ..data.store import StoreError
-    from ..training.callbacks import CheckpointFileError
     from ..training.run import train
-    from ..utils.lock import DirectoryLockedError
-    from .sweep import ddp_job, wait_for_requeue
+    from .sweep import wait_for_requeue
 
-    try:
-        with ddp_job():  # under -m: DDP ranks run this job only
-            summary = train(cfg, run_dir)
-    except (ConfigError, DirectoryLockedError, StoreError, DatasetError, CheckpointFileError) as e:
-        _refuse(e, run_dir)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        print(f"robustdiff-train: error: {e.strerror}", file=sys.stderr)  # full disk: says which file; the rest is intact
-        sys.exit(1)
-    finally:
-        publish_hydra_files(run_dir)  # a no-op after a refusal (already discarded)
-    wait_for_requeue(summary)
-    if summary.get("signal"):
-        sys.exit(128 + summary["signal"])  # saved, but not done: `a && b` chains stop (143 for SIGTERM)
+    summary = run_training_job("robustdiff-train", run_dir, lambda: train(cfg, run_dir), after=wait_for_requeue)
     return summary.get("best_val_pgd_acc")  # what a sweeper optimises
 
 

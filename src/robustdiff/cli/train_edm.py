@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import errno
 import sys
 from pathlib import Path
 
@@ -16,10 +15,8 @@ from omegaconf import DictConfig
 
 from .hydra_conf import (
     CONFIG_PATH,
-    discard_hydra_files,
-    publish_hydra_files,
-    remove_unused_run_dir,
     run_hydra_command,
+    run_training_job,
     task_started,
 )
 from .sweep import own_job_argv
@@ -29,32 +26,10 @@ from .sweep import own_job_argv
 def _hydra_main(cfg: DictConfig) -> None:
     task_started()
     # Imported here, not at the top: --help, --cfg, --info and completion need none of torch/Lightning.
-    from ..data.datasets import DatasetError
-    from ..data.store import StoreError
-    from ..training.callbacks import CheckpointFileError
-    from ..training.config import ConfigError
     from ..training.edm_run import train_edm
-    from ..utils.lock import DirectoryLockedError
-    from .sweep import ddp_job
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        with ddp_job():  # under -m: DDP ranks run this job only
-            summary = train_edm(cfg, run_dir)
-    except (ConfigError, DirectoryLockedError, StoreError, DatasetError, CheckpointFileError) as e:
-        print(f"robustdiff-edm: error: {e}", file=sys.stderr)
-        if not remove_unused_run_dir(run_dir):  # a rejected config leaves no run directory behind
-            discard_hydra_files(run_dir)  # and an existing run's recorded configuration as it was
-        sys.exit(2)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        print(f"robustdiff-edm: error: {e.strerror}", file=sys.stderr)  # full disk: says which file; the rest is intact
-        sys.exit(1)
-    finally:
-        publish_hydra_files(run_dir)  # a no-op after a refusal (already discarded)
-    if summary.get("signal"):
-        sys.exit(128 + summary["signal"])  # saved, but not done: `a && b` chains stop (143 for SIGTERM)
+    run_training_job("robustdiff-edm", run_dir, lambda: train_edm(cfg, run_dir))
 
 
 def main() -> None:

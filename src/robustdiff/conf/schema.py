@@ -13,7 +13,7 @@ Field metadata (``setting(...)``):
 * ``example``: how a number is written (floats also accept fractions such as ``8/255``);
 * ``help``: what the value means, quoted in its error; ``null``: what null means, for an Optional field.
 
-A field typed ``Any`` is an open node (a Hydra group with free keys such as ``model``, ``trainer``, ``logger``,
+A field typed ``Any`` is an open node (a Hydra group with free keys such as ``model``, ``data``, ``trainer``, ``logger``,
 ``callbacks``): only its presence is known here; the code that builds it checks it.
 """
 
@@ -26,6 +26,9 @@ from hydra.core.config_store import ConfigStore
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # W&B modes of the logger group's logger.mode (logger=wandb; robustdiff-generate's too).
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+# The losses an evaluation attack maximises (eval.val_loss, eval.test_loss): robustdiff.adversarial.attacks.LOSSES
+# maps these names, in this order, to its loss functions.
+ATTACK_LOSSES = {"cw": "Carlini-Wagner margin, the reference", "ce": "cross-entropy"}
 
 
 def setting(*, choices: dict | None = None, ge: float | None = None, gt: float | None = None,
@@ -51,8 +54,8 @@ class EvalSchema:
     """The ``eval`` node: the EMA model's evaluation every epoch."""
     batch_size: int = setting(ge=1)
     steps: int = setting(ge=1, help="PGD steps of the evaluation")
-    val_loss: str = setting(choices={"cw": "Carlini-Wagner margin, the reference", "ce": "cross-entropy"})
-    test_loss: str = setting(choices={"cw": "Carlini-Wagner margin, the reference", "ce": "cross-entropy"})
+    val_loss: str = setting(choices=ATTACK_LOSSES)
+    test_loss: str = setting(choices=ATTACK_LOSSES)
     test_every: int = setting(ge=1, help="epochs between full test-set evaluations")
     select: str = setting(choices={"pgd": "best epoch = highest validation PGD accuracy, the reference",
                                    "clean": "highest validation clean accuracy"})
@@ -65,6 +68,7 @@ class TrainSchema:
     dataset: Any = None
     norm: NormSchema = field(default_factory=NormSchema)
     model: Any = None
+    data: Any = None
     trainer: Any = None
     logger: Any = None
     callbacks: Any = None

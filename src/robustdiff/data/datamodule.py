@@ -203,3 +203,20 @@ class RobustDataModule(pl.LightningDataModule):
         world = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
         return [EvalLoader(*split, self.eval_batch_size, rank, world) for split in (self.val, self.test)]
+
+
+def datamodule_class(target, where: str = "data._target_", error: type[Exception] = ValueError) -> type:
+    """The DataModule class a ``data._target_`` names, refused unless it subclasses `RobustDataModule` (the
+    trainer relies on its batches, its resumable batch plan and its validation split)."""
+    from ..utils.targets import resolve_class
+
+    return resolve_class(target, RobustDataModule, what="robustdiff.data.datamodule.RobustDataModule",
+                         where=where, error=error, example="data=mixed or data._target_=my_package.MyData",
+                         hint="subclass RobustDataModule (its constructor gets RobustDataModule's arguments, "
+                              "from the top-level keys, plus the data node's own keys)")
+
+
+def datamodule_kwargs(node) -> dict:
+    """The data node's own constructor kwargs (Hydra's ``_target_``-style keys dropped)."""
+    return {k: v for k, v in node.items() if not (k.startswith("_") and k.endswith("_"))}
+

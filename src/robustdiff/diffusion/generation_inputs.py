@@ -3,7 +3,8 @@
 - `plan`: the settings of ``conf/generate.yaml`` checked, and the job's counts and paths (how many images,
   which store, whether a classifier filters them);
 - `load_generator`: the EDM network (a robustdiff ``network.pt`` or NVIDIA's ``.pkl``);
-- `load_classifier`: the WideResNet that scores candidates (a robustdiff-train run directory or a state dict);
+- `load_classifier` (`read_classifier`): the classifier that scores candidates — a robustdiff-train run directory of
+  any architecture (``models.loading.load_model``), its robustdiff-eval export, or a WideResNet state dict;
 - `provenance`: what a store records about how its images were made, and `same_generation` to resume a store
   from another working directory.
 
@@ -53,50 +54,110 @@ def load_generator(path: str | os.PathLike, device: torch.device | str = "cpu"):
         raise GenerationError(f"network={path}: {said}") from e
 
 
-def load_classifier(path: str | os.PathLike, dataset: str | None, num_classes: int, channels: int,
-                    device: torch.device | str = "cpu") -> torch.nn.Module:
-    """WideResNet from a robustdiff-train run directory (model.pt + run.json) or a WRN state-dict .pt, in eval mode
-    on ``device``. It must classify ``num_classes`` classes of ``channels``-channel images (the network's)."""
+def read_classifier(path: str | os.PathLike, dataset: str | None, num_classes: int | None = None,
+                    channels: int | None = None, device: torch.device | str = "cpu"
+                    ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A classifier trained by robustdiff-train, of any architecture, in eval mode on ``device``, and what it is:
+    ``{"weights": the weights file, "dataset": its dataset, "record": run.json's model record or None,
+    "name": "wrn-28-10", "preactresnet18", ...}``.
+
+    ``path`` is one of
+
+    - a run directory (model.pt + run.json): rebuilt by ``robustdiff.models.loading.load_model`` from run.json's
+      ``model`` record — a WideResNet, or the ``nn.Module`` the run named with ``model._target_``; the dataset
+      (mean/std) is the run's;
+    - a file written by ``robustdiff-eval export`` for another architecture (``{'state_dict', 'model', 'dataset'}``):
+      rebuilt from the record it holds;
+    - a WideResNet state dict (plain, prefixed, the reference's or RobustBench's layout, as ``load_wideresnet``
+      reads them); it does not say how to normalise its inputs, so ``dataset`` is required. The state dict of
+      another architecture does not say which network it belongs to: give its run directory.
+
+    With ``num_classes``/``channels`` (the generator's) it must classify that many classes of that many channels.
+    Every refusal is a one-line `GenerationError` naming the file."""
+    from collections.abc import Mapping
+
     from ..data.datasets import get_info
-    from ..models.loading import CheckpointError, build_wideresnet, infer_architecture, read_checkpoint
+    from ..models.loading import (
+        CheckpointError,
+        is_wideresnet_record,
+        load_model,
+        load_wideresnet,
+        model_name,
+        read_checkpoint,
+    )
 
     path = Path(path)
+    record, state = None, None
     if path.is_dir():
         run_json, weights = path / "run.json", path / "model.pt"
         if not run_json.is_file() or not weights.is_file():
             raise GenerationError(f"classifier={path}: a run directory needs run.json and model.pt "
                                   f"(written by robustdiff-train)")
-        run = json.loads(run_json.read_text())
-        dataset = run["dataset"]
+        try:
+            run = json.loads(run_json.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise GenerationError(f"classifier={run_json}: not a readable run.json ({type(e).__name__}: {e})") from None
+        if not isinstance(run, dict) or not isinstance(run.get("dataset"), str):
+            raise GenerationError(f"classifier={run_json}: records no dataset (written by robustdiff-train?)")
+        dataset, record = run["dataset"], run.get("model")
+        if record is not None and not isinstance(record, Mapping):
+            raise GenerationError(f"classifier={run_json}: its model record is {type(record).__name__}, not a mapping")
     elif path.is_file():
         weights = path
+        try:
+            state = read_checkpoint(weights, "a classifier state dict")
+        except CheckpointError as e:
+            raise GenerationError(f"classifier={e}") from None
+        inner = state.get("model") if isinstance(state, Mapping) else None
+        if isinstance(inner, Mapping) and ("_target_" in inner or "name" in inner):
+            # robustdiff-eval export of another architecture: {'state_dict', 'model': run.json's record, 'dataset'}
+            record = dict(inner)
+            saved = state.get("dataset")
+            dataset = dataset or (saved if isinstance(saved, str) else None)
+        elif isinstance(inner, Mapping):  # a {'model': state_dict} wrapper
+            state = inner
         if dataset is None:
+            hint = (f" or give the run directory {path.parent}" if (path.parent / "run.json").is_file() else "")
             raise GenerationError(f"classifier={path}: a plain state dict does not say how to normalise its inputs — "
-                                  f"pass dataset=<name> (its mean/std are used)")
+                                  f"pass dataset=<name> (its mean/std are used){hint}")
     else:
         raise GenerationError(f"classifier={path}: no such file or run directory")
     try:
-        state = read_checkpoint(weights, "a classifier state dict")
-    except CheckpointError as e:
-        raise GenerationError(f"classifier={e}") from None
-    for key in ("state_dict", "model"):  # common wrappers
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or "logits.weight" not in state or "init_conv.weight" not in state:
-        raise GenerationError(f"classifier={weights}: not a WideResNet state dict (no init_conv/logits weights)")
+        info = get_info(dataset)
+    except ValueError as e:
+        raise GenerationError(f"classifier={weights}: {e}") from None
     try:
-        arch = infer_architecture(state, str(weights))
-    except CheckpointError as e:
+        if state is not None and is_wideresnet_record(record):
+            try:  # already read: not read twice
+                model = load_wideresnet(state, dataset=dataset)
+            except CheckpointError as e:
+                said = str(e).removeprefix("checkpoint: ")
+                raise CheckpointError(f"{weights}: {said}; a network other than a WideResNet loads from its run "
+                                      "directory (run.json records the model) or its robustdiff-eval export") from None
+        else:
+            model = load_model(weights, dataset=dataset, record=record)
+    except (CheckpointError, FileNotFoundError) as e:
         raise GenerationError(f"classifier={e}") from None
-    info = get_info(dataset)
-    if arch.num_classes != num_classes or arch.in_channels != channels:
-        raise GenerationError(f"classifier={weights}: has {arch.num_classes} classes and {arch.in_channels} input "
-                              f"channels, but the network generates {num_classes} classes of {channels}-channel images")
-    try:
-        model = build_wideresnet(state, arch, mean=info.mean, std=info.std)
-    except RuntimeError as e:
-        raise GenerationError(f"classifier={weights}: does not load into a WRN-{arch.depth}-{arch.width}: {e}") from e
-    return model.to(device)
+    except RuntimeError as e:  # load_state_dict: a key or shape that does not fit
+        raise GenerationError(f"classifier={weights}: does not load: {str(e).splitlines()[0]}") from None
+    # The model fits the dataset (WideResNet: its head and first conv are checked against it; another network is
+    # built for it and loaded strictly): the dataset's classes and channels are the model's.
+    classes, in_channels = info.num_classes, info.image_shape[2]
+    if (num_classes is not None and classes != num_classes) or (channels is not None and in_channels != channels):
+        raise GenerationError(f"classifier={weights}: has {classes} classes and {in_channels} input channels "
+                              f"({dataset}), but the network generates {num_classes} classes of {channels}-channel "
+                              f"images")
+    about = {"weights": weights, "dataset": dataset, "record": dict(record) if record else None,
+             "name": model_name(model, record)}
+    return model.to(device), about
+
+
+def load_classifier(path: str | os.PathLike, dataset: str | None, num_classes: int, channels: int,
+                    device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The classifier at ``path`` (`read_classifier`: a robustdiff-train run directory of any architecture, its
+    robustdiff-eval export, or a WideResNet state dict with ``dataset``), in eval mode on ``device``. It must
+    classify ``num_classes`` classes of ``channels``-channel images (the network's)."""
+    return read_classifier(path, dataset, num_classes, channels, device)[0]
 
 
 def plan(cfg: dict, num_classes: int) -> dict[str, Any]:

@@ -4,8 +4,9 @@
   torchmetrics. Its weights can't be downloaded at run time here: pass a local file (``inception_weights``)
   or put it where torch.hub caches it; the file is read with ``weights_only=True``. FID with this network
   and 50,000 generated images against training-set statistics is the number EDM and the paper report.
-* ``classifier``: the penultimate features of a WideResNet trained by robustdiff on the real data (a run
-  directory or a state dict). Works offline for every dataset; the numbers rank generators of one dataset
+* ``classifier``: the penultimate features (the input of the final ``nn.Linear``, `ClassifierFeatures`) of a
+  classifier trained by robustdiff on the real data: a run directory of any architecture, its export, or a
+  WideResNet state dict. Works offline for every dataset; the numbers rank generators of one dataset
   *measured with the same classifier* only, so every result records the classifier file's sha256.
 
 ``feature_extractor`` builds either one from a feature-space name and the files it needs.
@@ -30,19 +31,63 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 
 
-class ClassifierFeatures(nn.Module):
-    """uint8 images (B, C, H, W) -> penultimate WideResNet features (B, 64·width), eval mode, fp32."""
+def final_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The network's final ``nn.Linear`` (its classification head): the last one ``model.named_modules()`` lists.
+    None when the network has none."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
 
-    def __init__(self, model: nn.Module):
+
+class ClassifierFeatures(nn.Module):
+    """uint8 images (B, C, H, W) -> the classifier's penultimate features (B, D), eval mode, fp32.
+
+    The features are the input of the network's final ``nn.Linear`` (`final_linear`: the last one registered,
+    which must also be the last ``nn.Linear`` the forward pass runs), taken by a forward pre-hook that exists only
+    during the call; D is its ``in_features``. For robustdiff's networks that is the globally average-pooled
+    activations after the last BN-ReLU, what their ``features()`` returns: ``logits``' input, 64·width, for the
+    WideResNet (as before), ``linear``'s, 8·width, for the PreAct-ResNet-18; for any other ``nn.Module`` trained
+    through ``model._target_``, the input of its classification head. A network without an ``nn.Linear`` has no
+    such layer and is refused (QualityError), as is one whose head input is not one vector per image or whose
+    last ``nn.Linear`` run is not its last registered one."""
+
+    def __init__(self, model: nn.Module, source: str = "classifier"):
         super().__init__()
+        head = final_linear(model)
+        if head is None:
+            raise QualityError(f"{source}: {type(model).__name__} has no nn.Linear layer — classifier features are "
+                               "the input of the network's final nn.Linear (its classification head); use a "
+                               "classifier that ends in one")
         self.model = model.eval().requires_grad_(False)
-        self.num_features = int(model.logits.in_features)
+        self.source = source
+        self.head_name = head[0] or type(model).__name__
+        self.num_features = int(head[1].in_features)
 
     def train(self, mode: bool = True) -> ClassifierFeatures:
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.features(x.float() / 255.0)
+        last: list = [None, None]
+
+        def grab(module: nn.Module, args: tuple) -> None:
+            last[0], last[1] = module, args[0] if args else None
+
+        linears = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
+        handles = [m.register_forward_pre_hook(grab) for m in linears]
+        try:
+            self.model(x.float() / 255.0)
+        finally:
+            for h in handles:
+                h.remove()
+        module, features = last
+        if module is not linears[-1]:
+            ran = "no nn.Linear" if module is None else "an nn.Linear other than the last registered one"
+            raise QualityError(f"{self.source}: its forward pass ran {ran} last; classifier features are the input "
+                               f"of the final nn.Linear ({self.head_name}), which must be the last one run")
+        if not isinstance(features, torch.Tensor) or features.dim() != 2 or features.shape[1] != self.num_features:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise QualityError(f"{self.source}: the input of its final nn.Linear ({self.head_name}) is {shape}, not "
+                               f"one {self.num_features}-vector per image (B, {self.num_features})")
+        return features.float()
 
 
 class InceptionFeatures(nn.Module):
@@ -121,21 +166,19 @@ def load_inception(path: str | os.PathLike | None) -> tuple[InceptionFeatures, d
 
 def load_feature_classifier(path: str | os.PathLike, dataset: str | None, num_classes: int | None = None,
                             channels: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """A robustdiff-trained WideResNet (run directory or state dict) and a description that names its file."""
-    from ..diffusion.generation_inputs import GenerationError, load_classifier
+    """A robustdiff-trained classifier of any architecture (a run directory, its robustdiff-eval export or a
+    WideResNet state dict: ``diffusion.generation_inputs.read_classifier``, which rebuilds a run with
+    ``models.loading.load_model``) and a description that names its file. With ``num_classes``/``channels`` it
+    must classify that many classes of that many channels."""
+    from ..diffusion.generation_inputs import GenerationError, read_classifier
 
     path = Path(path)
-    weights = path / "model.pt" if path.is_dir() else path
     try:
-        if num_classes is None or channels is None:
-            state = torch.load(weights, map_location="cpu", weights_only=True) if weights.is_file() else {}
-            num_classes = num_classes or (state["logits.weight"].shape[0] if "logits.weight" in state else 0)
-            channels = channels or (state["init_conv.weight"].shape[1] if "init_conv.weight" in state else 0)
-        model = load_classifier(path, dataset, int(num_classes), int(channels))
+        model, about = read_classifier(path, dataset, num_classes, channels)
     except GenerationError as e:
         raise QualityError(str(e).replace("classifier=", "classifier ")) from e
-    meta = {"classifier": str(path), "classifier_sha256": file_sha256(weights),
-            "classifier_model": f"wrn-{model.depth}-{model.width}"}
+    meta = {"classifier": str(path), "classifier_sha256": file_sha256(about["weights"]),
+            "classifier_model": about["name"]}
     if path.is_dir() and (path / "summary.json").is_file():
         summary = json.loads((path / "summary.json").read_text())
         meta["classifier_test_clean_acc"] = summary.get("test_clean_acc_best")
@@ -155,13 +198,14 @@ def feature_extractor(kind: str, *, inception_weights: str | os.PathLike | None 
     if kind == "classifier":
         if clf is None:
             raise QualityError("features=classifier needs a classifier: a robustdiff-train run directory trained on "
-                               "the real data (e.g. loss=ce) or a WideResNet state dict (--classifier PATH)")
-        return ClassifierFeatures(clf), {"features": "classifier", **clf_meta}, clf
+                               "the real data (e.g. loss=ce), its robustdiff-eval export or a WideResNet state "
+                               "dict (--classifier PATH)")
+        return ClassifierFeatures(clf, f"classifier {classifier}"), {"features": "classifier", **clf_meta}, clf
     module, meta = load_inception(inception_weights)
     return module, meta, clf
 
 
 __all__ = [
-    "FEATURE_KINDS", "INCEPTION_FILE", "INCEPTION_URL", "ClassifierFeatures", "InceptionFeatures", "load_inception",
-    "find_inception_weights", "load_feature_classifier", "feature_extractor",
+    "FEATURE_KINDS", "INCEPTION_FILE", "INCEPTION_URL", "ClassifierFeatures", "final_linear", "InceptionFeatures",
+    "load_inception", "find_inception_weights", "load_feature_classifier", "feature_extractor",
 ]

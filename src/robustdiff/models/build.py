@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from ..utils.targets import resolve_class
 from .normalize import Normalized
 
 DATASET_ARGS = ("num_classes", "in_channels", "mean", "std")
@@ -30,23 +31,10 @@ def model_class(target: Any, where: str = "model._target_",
                 error: type[Exception] = ModelTargetError) -> type[nn.Module]:
     """The class ``target`` names (a dotted path), refused (``error``) unless it is a ``torch.nn.Module``
     subclass."""
-    if not isinstance(target, str) or not target:
-        raise error(f"{where} is missing: give the dotted path of an nn.Module class, e.g. "
-                               "model=wrn-28-10 or model._target_=my_package.MyNet")
-    from hydra.utils import get_object
-
-    try:
-        obj = get_object(target)
-    except Exception as e:  # noqa: BLE001  (Hydra wraps every import failure in its own exception types)
-        reason = " ".join(str(e).split())[:300] or type(e).__name__
-        raise error(f"{where}={target!r} cannot be imported ({reason}); give the dotted path of an "
-                               "nn.Module class importable in this environment (install its package or put it "
-                               "on PYTHONPATH)") from None
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        raise error(f"{where}={target!r} is a {type(obj).__name__}, not a torch.nn.Module subclass; "
-                               "point it at the network's class (its constructor gets the kwargs of the model "
-                               "node, plus num_classes/in_channels/mean/std where it accepts them)")
-    return obj
+    return resolve_class(target, nn.Module, what="torch.nn.Module", where=where, error=error,
+                         example="model=wrn-28-10 or model._target_=my_package.MyNet",
+                         hint="point it at the network's class (its constructor gets the kwargs of the model "
+                              "node, plus num_classes/in_channels/mean/std where it accepts them)")
 
 
 def model_kwargs(node: Mapping[str, Any]) -> dict[str, Any]:

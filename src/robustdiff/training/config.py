@@ -203,4 +203,29 @@ def validate(cfg: DictConfig) -> AttackConfig:
     from ..models.build import model_class
 
     model_class(OmegaConf.select(cfg, "model._target_"), error=ConfigError)
+    check_datamodule(cfg)
+    from .trainer import logger_target
+
+    logger_target(cfg)
     return attack
+
+
+def check_datamodule(cfg: DictConfig) -> None:
+    """``data._target_`` names a RobustDataModule class that takes the data node's own keys (imports torch)."""
+    import inspect
+
+    from ..data.datamodule import RobustDataModule, datamodule_class, datamodule_kwargs
+
+    node = OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else {}
+    cls = datamodule_class(node.get("_target_"), error=ConfigError)
+    own = datamodule_kwargs(node)
+    fed = [k for k in own if k in inspect.signature(RobustDataModule).parameters]
+    if fed:
+        raise ConfigError(f"data.{fed[0]} is set from a top-level key: write {fed[0]}=... instead (the data node "
+                          "holds _target_ and only the arguments your own DataModule adds)")
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in own if k not in params]
+        if unknown:
+            raise ConfigError(f"data.{unknown[0]}: {node['_target_']} takes no argument {unknown[0]!r}; remove "
+                              f"+data.{unknown[0]}=... (it takes: {', '.join(params)})")

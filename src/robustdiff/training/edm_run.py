@@ -7,7 +7,6 @@ import contextlib
 import json
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,8 @@ from ..utils.lock import DirectoryLock
 from .callbacks import load_checkpoint_file
 from .config import ConfigError, dataset_info, need
 from .diffusion import EDMSnapshot, EDMTraining, edm_summary, network_kwargs
-from .logging import finish as finish_wandb
 from .resume import EDM_RESUMABLE_CHANGES, check_resume, config_identity, write_run_files
-from .trainer import is_launching_process, job_warnings, make_trainer
+from .trainer import fit_run, is_launching_process, job_warnings, logger_target, make_trainer
 
 # Fields that define what an EDM run is: resuming with any of them changed is refused.
 IDENTITY_FIELDS = ("dataset", "resolution", "label_dim", "network", "kwargs", "batch_size", "lr",
@@ -71,6 +69,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     need(0 <= float(e.dropout) < 1, f"edm.dropout={e.dropout} must be in [0, 1)")
     kwargs = network_kwargs(e.network, resolution, channels, label_dim, dropout=float(e.dropout),
                             augment=float(e.augment_p) > 0)
+    logger_target(cfg)
     return {
         "dataset": info.name, "resolution": resolution, "label_dim": label_dim, "network": e.network,
         "kwargs": kwargs, "batch_size": e.batch_size, "lr": float(e.lr), "lr_rampup_kimg": float(e.lr_rampup_kimg),
@@ -141,18 +140,10 @@ def _train_edm(cfg: DictConfig, run_dir: Path, desc: dict[str, Any]) -> dict[str
         print(f"robustdiff-edm: warning: this run has {desc['max_steps']} optimiser steps and the loss is logged "
               f"every {every} (trainer.log_every_n_steps): no loss curve will be recorded — set "
               f"trainer.log_every_n_steps={max(1, desc['max_steps'] // 10)} for one", flush=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # the EMA copy, on purpose
-            warnings.filterwarnings("ignore", message=r".*val_dataloader` but have no `validation_step")  # no evaluation
-            trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
-    finally:
-        finish_wandb(trainer)
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"finished": False}
+    quiet = (r".*module\(s\) in eval mode",  # the EMA copy, on purpose
+             r".*val_dataloader` but have no `validation_step")  # no evaluation
+    summary = fit_run(trainer, module, dm, resume, summary_path, snapshot, quiet=quiet)
     if module.interrupted:
-        summary["interrupted"] = True
-        if snapshot.received is not None:
-            summary["signal"] = int(snapshot.received)
         if trainer.is_global_zero:
             print(f"robustdiff-edm: stopped by a signal; state saved in {snapshot.last_path} — run the same "
                   f"command again to resume.")

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..adversarial.trades import AttackConfig
-from ..data.datamodule import RobustDataModule
+from ..data.datamodule import RobustDataModule, datamodule_class, datamodule_kwargs
 from ..data.datasets import get_info
 from ..models.build import ModelTargetError, dataset_kwargs, model_class, model_kwargs, unknown_kwargs, wrap
 from ..models.wrn import BN_MOMENTUM, set_bn_momentum
@@ -28,9 +28,8 @@ from ..utils.naming import run_name  # noqa: F401  (run_name: re-exported; impor
 from .adversarial import AdversarialTraining
 from .callbacks import EpochSummary, RunCheckpoint, fmt_acc, republish
 from .config import ConfigError, validate
-from .logging import finish as finish_wandb
 from .resume import check_resume, config_identity, write_run_files
-from .trainer import is_launching_process, job_warnings, make_trainer, user_callbacks
+from .trainer import fit_run, is_launching_process, job_warnings, make_trainer, user_callbacks
 
 
 def model_record(cfg: DictConfig) -> dict[str, Any]:
@@ -75,13 +74,17 @@ def describe(cfg: DictConfig, attack: AttackConfig, n_generated: int) -> dict[st
 
 
 def build_datamodule(cfg: DictConfig) -> RobustDataModule:
-    return RobustDataModule(
+    """The ``data`` node's DataModule (`RobustDataModule` or a subclass), its arguments from the top-level keys."""
+    node = OmegaConf.to_container(cfg.data, resolve=True)
+    cls = datamodule_class(node.get("_target_"), error=ConfigError)
+    return cls(
         get_info(cfg.dataset.name).name, cfg.batch_size, data_dir=cfg.data_dir, download=cfg.download,
         generated=cfg.generated, ratio=float(cfg.ratio), generated_sampling=cfg.generated_sampling, seed=cfg.seed,
         limit_train=cfg.limit_train, limit_test=cfg.limit_test, val_size=cfg.val_size,
         val_split=cfg.get("val_split"), val_seed=int(cfg.get("val_seed", 0)),
         last_batch=cfg.get("last_batch", "reference"),
         eval_batch_size=cfg.eval.batch_size, repeat_first_epoch=cfg.get("debug_mode") == "overfit",
+        **datamodule_kwargs(node),
     )
 
 
@@ -187,15 +190,7 @@ def _train(cfg: DictConfig, run_dir: Path, attack: AttackConfig, info, dm: Robus
     short = short_run_warning(cfg.epochs * dm.iterations_per_epoch, module.ema.tau)
     if short and trainer.is_global_zero and resume is None:  # once, when the run starts
         print(f"robustdiff: warning: {short}", flush=True)
-    try:
-        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
-    finally:
-        finish_wandb(trainer)
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"finished": False}
-    if module.interrupted:
-        summary["interrupted"] = True
-        if checkpoint.received is not None:
-            summary["signal"] = int(checkpoint.received)
+    summary = fit_run(trainer, module, dm, resume, summary_path, checkpoint, weights_only=True)
     if debug:
         summary["debug_mode"] = debug
     if trainer.is_global_zero:

@@ -6,13 +6,14 @@ deliberate choices, silenced while a job runs."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
@@ -23,6 +24,7 @@ from ..utils.naming import SWEEP_ENV
 from .callbacks import AtomicCheckpointIO, EpochBar
 from .config import ConfigError
 from .logging import WandbRun, epochs_from_one
+from .logging import finish as finish_wandb
 
 # Lightning's advertisement for its hosted logger on every Trainer start: noise in a run's console.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
@@ -65,19 +67,17 @@ LOGGER_RUNTIME = {
 }
 
 
-def build_logger(cfg: DictConfig, run_dir: Path, name: str, job_type: str = "train"):
-    """The ``logger`` group's Lightning logger, built with ``hydra.utils.instantiate`` from its ``_target_``, its
-    settings and the run-time arguments the target takes (LOGGER_RUNTIME), with the ``epoch`` it logs counted
-    from 1; False (no logger) for an option without a ``_target_`` (``logger=none``)."""
+def logger_target(cfg: DictConfig):
+    """What the ``logger`` group's ``_target_`` names (None for an option without one, ``logger=none``), refused
+    with a one-line ConfigError naming ``logger._target_`` when it cannot be imported, is a class other than a
+    ``pytorch_lightning.loggers.Logger`` subclass, or is not callable. Checked before any data is read."""
     import importlib
     import inspect
-
-    from hydra.utils import instantiate
 
     node = cfg.get("logger")
     path = node.get("_target_") if isinstance(node, DictConfig) else None
     if not path:
-        return False
+        return None
     module, _, attr = str(path).rpartition(".")
     try:
         target = getattr(importlib.import_module(module), attr)
@@ -85,6 +85,31 @@ def build_logger(cfg: DictConfig, run_dir: Path, name: str, job_type: str = "tra
         raise ConfigError(f"logger._target_={path}: cannot be imported ({type(e).__name__}: {e}); give the full "
                           "import path of a Lightning logger (pytorch_lightning.loggers.<Class>) or choose "
                           "logger=csv|wandb|none") from None
+    # A class that is not a Logger is refused unbuilt; a factory function (job_wandb_logger) is checked once built.
+    if inspect.isclass(target) and not issubclass(target, pl.loggers.Logger):
+        raise ConfigError(f"logger._target_={path}: is the class {target.__module__}.{target.__qualname__}, "
+                          "not a Lightning logger (a subclass of pytorch_lightning.loggers.Logger); choose "
+                          "logger=csv|wandb|none or give a Logger class or a function returning one")
+    if not callable(target):
+        raise ConfigError(f"logger._target_={path}: is a {type(target).__name__}, not a Lightning logger class or "
+                          "a function returning one; choose logger=csv|wandb|none")
+    return target
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, name: str, job_type: str = "train"):
+    """The ``logger`` group's Lightning logger, built with ``hydra.utils.instantiate`` from its ``_target_``
+    (checked by `logger_target`), its settings and the run-time arguments the target takes (LOGGER_RUNTIME), with
+    the ``epoch`` it logs counted from 1; False (no logger) for an option without a ``_target_``
+    (``logger=none``). A target that builds something other than a Logger is a one-line ConfigError naming
+    ``logger._target_``."""
+    import inspect
+
+    from hydra.utils import instantiate
+
+    target = logger_target(cfg)
+    if target is None:
+        return False
+    node, path = cfg.logger, cfg.logger._target_
     try:
         params = inspect.signature(target).parameters
     except (TypeError, ValueError):  # no signature to read (a builtin): it gets no run-time arguments
@@ -253,3 +278,32 @@ def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, validation: bo
     user.setdefault("enable_model_summary", False)
     callbacks = [*callbacks, *extra_callbacks]
     return pl.Trainer(**{**user, **controlled}, logger=logger, callbacks=callbacks, plugins=plugins)
+
+
+class SignalWatcher(Protocol):
+    """The callback of a job that stops it at a step boundary on a signal (RunCheckpoint, EDMSnapshot)."""
+
+    received: int | None  # the signal that came (summary.json "signal"), None if none did
+
+
+def fit_run(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule,
+            resume: Path | None, summary_path: Path, watcher: SignalWatcher, quiet: Sequence[str] = (),
+            **fit_kwargs: Any) -> dict[str, Any]:
+    """Run ``trainer.fit`` (from the checkpoint ``resume``, if not None) and end the job's W&B run, even when fit
+    fails; returns the run's summary read back from ``summary_path`` (``{"finished": False}`` if none was
+    written), marked ``interrupted`` (and with the ``signal`` that ``watcher`` received, if any) when a signal
+    stopped the run. ``quiet``: regexes of warning messages silenced during fit; ``fit_kwargs`` go to
+    ``trainer.fit`` (e.g. ``weights_only``). Printing what the run achieved is the caller's."""
+    try:
+        with warnings.catch_warnings() if quiet else contextlib.nullcontext():
+            for message in quiet:
+                warnings.filterwarnings("ignore", message=message)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, **fit_kwargs)
+    finally:
+        finish_wandb(trainer)
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"finished": False}
+    if module.interrupted:
+        summary["interrupted"] = True
+        if watcher.received is not None:
+            summary["signal"] = int(watcher.received)
+    return summary
