@@ -1,4 +1,6 @@
+import contextlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,6 +40,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# A second process that takes a directory's DirectoryLock, says "locked" and holds it until its stdin closes.
+_HOLD_LOCK = ("import sys\nfrom robustdiff.utils.lock import DirectoryLock\n"
+              "lock = DirectoryLock(sys.argv[1], sys.argv[2]).acquire()\nprint('locked', flush=True)\nsys.stdin.read()\n")
+
+
+@pytest.fixture
+def lock_holder():
+    """``with lock_holder(directory) as holder:`` — another process (``holder``, a Popen) holds ``directory``'s
+    DirectoryLock, as ``what`` (default robustdiff-train), from the moment the block starts until it ends."""
+
+    @contextlib.contextmanager
+    def hold(directory, what: str = "robustdiff-train"):
+        holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(directory), what], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            yield holder
+        finally:
+            holder.stdin.close()
+            try:
+                holder.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                holder.kill()
+                holder.wait()
+            holder.stdout.close()
+
+    return hold
 
 
 @pytest.fixture
@@ -92,3 +123,36 @@ def same(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return torch.equal(a, b)
     return a == b
+
+
+@pytest.fixture
+def signal_after_shards(monkeypatch):
+    """``signal_after_shards(n)``: robustdiff-generate receives a real SIGTERM (or ``sig``) once it has finished
+    ``n`` shards, and its handler has seen it before the loop goes on — the job then stops as a scheduler's stop
+    would make it. ``signal_after_shards(None)`` lets the next generation run to the end."""
+    import signal
+    import time
+
+    from robustdiff.diffusion.generation_wandb import GenerationWandb
+
+    original = GenerationWandb.shard
+    state = {"left": None, "sig": signal.SIGTERM}
+
+    def shard(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if state["left"] is None:
+            return
+        state["left"] -= 1
+        if state["left"] == 0:
+            state["left"] = None
+            handler = signal.getsignal(state["sig"])
+            os.kill(os.getpid(), state["sig"])
+            while getattr(handler, "__self__", None) is not None and handler.__self__.received is None:
+                time.sleep(0.001)  # the handler runs in this (the main) thread, on the next bytecode boundary
+
+    monkeypatch.setattr(GenerationWandb, "shard", shard)
+
+    def arm(n, sig=signal.SIGTERM):
+        state["left"], state["sig"] = n, sig
+
+    return arm

@@ -105,16 +105,28 @@ def test_nvidia_seeding_store_records_seeding_and_real_class_counts(network, tmp
         generate(config(network, tmp_path / "x", "seeding=numpy"))
 
 
-def test_interrupted_run_finishes_byte_identical(network, tmp_path):
+def test_interrupted_run_finishes_byte_identical(network, tmp_path, signal_after_shards):
+    """A real SIGTERM (a scheduler's stop) after the first shard: that shard is written, the job stops and says
+    so, its handler is undone, and the same command writes only the missing shards — the same bytes as a run
+    that never stopped."""
+    import signal
+
     generate(config(network, tmp_path / "straight"))
-    assert generate(config(network, tmp_path / "resumed", "stop_after_shards=1")) is None
+    before = signal.getsignal(signal.SIGTERM)
+    signal_after_shards(1)
+    assert generate(config(network, tmp_path / "resumed")) == {"stopped": True, "signal": signal.SIGTERM,
+                                                               "shards_written": 1}
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert (tmp_path / "resumed" / "shard-00000.images.u8").is_file()
+    assert not (tmp_path / "resumed" / "shard-00001.images.u8").exists()
     with pytest.raises(StoreError, match="incomplete"):
         GeneratedStore(tmp_path / "resumed")
     (tmp_path / "resumed" / ".shard-00001.images.u8.x1.tmp").write_bytes(b"killed mid-shard")
     generate(config(network, tmp_path / "resumed"))
     assert store_bytes(tmp_path / "resumed") == store_bytes(tmp_path / "straight")
     # Resuming with other settings is refused instead of mixing two generations.
-    generate(config(network, tmp_path / "other", "stop_after_shards=1"))
+    signal_after_shards(1, signal.SIGUSR1)  # SLURM's warning before the time limit stops it the same way
+    assert generate(config(network, tmp_path / "other"))["signal"] == signal.SIGUSR1
     with pytest.raises(StoreError, match=r"different generation.*\n  provenance.seed: store has 0, this run has 1\n"):
         generate(config(network, tmp_path / "other", "seed=1"))
 

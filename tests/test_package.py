@@ -59,6 +59,22 @@ def test_a_bad_train_value_is_refused_before_torch_is_imported(tmp_path, overrid
     assert not (tmp_path / "bad").exists()  # and no run directory is left behind
 
 
+@pytest.mark.parametrize("command, override, says", [
+    ("train_edm", "+epoch=3", "robustdiff-edm: error: epoch: not a robustdiff-edm setting"),
+    ("train_edm", "+edm.duration=1", "edm.duration: not a robustdiff-edm setting (added with +edm.duration=...); "
+                                     "did you mean edm.duration_kimg=...?"),
+    ("generate", "+n_imgs=4", "robustdiff-generate: error: n_imgs: not a robustdiff-generate setting"),
+])
+def test_an_unknown_edm_or_generate_key_is_refused_before_torch_is_imported(tmp_path, command, override, says):
+    """robustdiff-edm and robustdiff-generate know their keys as robustdiff-train does: a typo'd key is an error
+    in a second, not an EDM run (or a generation) that silently ignores it."""
+    place = f"run_root={tmp_path}" if command == "train_edm" else f"out={tmp_path / 'store'}"
+    err, heavy = run_cli(command, override, place, rc=2)
+    assert says in err and len([ln for ln in err.strip().splitlines() if not ln.startswith("HEAVY=")]) == 1
+    assert heavy == []
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 def test_help_lists_each_clis_own_groups_including_experiment():
     def groups(text: str) -> set[str]:
         block = text.split("== Configuration groups ==")[1].split("== Config ==")[0]

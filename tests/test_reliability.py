@@ -86,21 +86,11 @@ def test_edm_crash_at_the_last_snapshot_then_rerun_equals_a_straight_run(point, 
         (tmp_path / "straight" / "summary.json").read_text())
 
 
-HOLD = ("import sys\nfrom robustdiff.utils.lock import DirectoryLock\n"
-        "lock = DirectoryLock(sys.argv[1], 'robustdiff-train').acquire()\nprint('locked', flush=True)\nsys.stdin.read()\n")
-
-
-def test_a_second_process_on_one_directory_is_refused_naming_the_holder(tmp_path):
-    import subprocess
-    import sys
-
+def test_a_second_process_on_one_directory_is_refused_naming_the_holder(tmp_path, lock_holder):
     from robustdiff.utils.lock import DirectoryLockedError
 
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_holder(run) as holder:
         with pytest.raises(DirectoryLockedError, match=rf"in use by process {holder.pid} on .*robustdiff-train"):
             train(compose_train(*TINY, "epochs=1"), run)
         assert not (run / "run.json").exists()  # refused before writing anything
@@ -111,31 +101,19 @@ def test_a_second_process_on_one_directory_is_refused_naming_the_holder(tmp_path
         with pytest.raises(SystemExit, match=f"process {holder.pid}"):
             eval_main([str(run), "--dataset", "fashionmnist", "--norm", "linf", "--attacks", "clean"])
         (run / "run.json").unlink()
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=30)
     # The holder is gone (the kernel drops its lock): the same command now runs.
     assert train(compose_train(*TINY, "epochs=1"), run)["finished"]
 
 
-def test_generation_into_a_store_another_process_writes_is_refused(tmp_path):
-    import subprocess
-    import sys
-
+def test_generation_into_a_store_another_process_writes_is_refused(tmp_path, lock_holder):
     from robustdiff.diffusion.generate import GenerationError, generate
 
     out = tmp_path / "store"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_holder(out) as holder:
         cfg = {"network": str(tmp_path / "none.pt"), "n": 10, "out": str(out), "dataset": None,
                "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto", "num_nodes": 1}}
         with pytest.raises(GenerationError, match=f"process {holder.pid}"):
             generate(cfg)
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=30)
 
 
 @pytest.mark.parametrize("change", ["lr=0.05", "beta=3.0", "label_smoothing=0.2", "ema_decay=0.9",

@@ -175,7 +175,8 @@ def generator(tmp_path_factory):
     return tiny_network(tmp_path_factory.mktemp("net") / "network.pt")
 
 
-def test_generate_run_counts_grid_and_a_resumed_generation_in_the_same_run(generator, tmp_path, offline):
+def test_generate_run_counts_grid_and_a_resumed_generation_in_the_same_run(generator, tmp_path, offline,
+                                                                          signal_after_shards):
     """robustdiff-generate logger=wandb: an interrupted generation and its rerun log into one W&B run of
     job_type generate (its id in the store's wandb.json); progress per shard, the per-class counts and a grid of
     the finished store; the store is byte for byte the one generated without W&B."""
@@ -184,7 +185,8 @@ def test_generate_run_counts_grid_and_a_resumed_generation_in_the_same_run(gener
 
     store = tmp_path / "fmnist-tiny"
     on = ("logger=wandb", "logger.project=robustdiff-test", "logger.group=gen", "logger.examples=3")
-    assert generate(config(generator, store, *on, "stop_after_shards=1")) is None
+    signal_after_shards(1)
+    assert generate(config(generator, store, *on))["stopped"]
     (first_dir,) = offline_runs(store)
     first = read_run(first_dir)
     # Set aside: W&B names offline directories by the second, and the rerun may start within the same one.

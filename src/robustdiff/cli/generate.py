@@ -21,8 +21,8 @@ Filtering (the paper's 1M CIFAR sets): with ``classifier=`` and ``keep_fraction=
 M = ceil(N / f) candidates, rounded up to a multiple of K, into ``candidates`` (default ``<out>-candidates``,
 kept afterwards), score each by the classifier's softmax probability of its generating class, and
 keep per class the N/K most confident (ties: lower index first), in candidate order, in ``out``.
-The classifier is a robustdiff-train run directory (model.pt + run.json) or a WideResNet state dict
-(.pt; then ``dataset=`` names its normalisation).
+The classifier is a robustdiff-train run directory of any architecture (model.pt + run.json), its
+``robustdiff-eval export``, or a WideResNet state dict (.pt; then ``dataset=`` names its normalisation).
 
 Networks: ``network.pt`` from robustdiff-edm (weights-only load) or NVIDIA's EDM ``.pkl`` (restricted
 unpickler, ``robustdiff.diffusion.pretrained``). Multi-GPU runs use Lightning Fabric (``trainer=`` group).
@@ -34,7 +34,8 @@ progress per finished shard, then the per-class counts and a grid of the first i
 finished store. ``wandb.json`` in the store being written (``out``, or the candidates when filtering) records
 the run id, so a resumed generation logs into the same W&B run. A W&B failure is a warning, never lost images.
 
-Exit status: 0 done (or stopped by ``stop_after_shards``), 2 bad input.
+Exit status: 0 done, 2 bad input, 128 + N stopped by signal N (SIGTERM, SIGUSR1, Ctrl-C) after the shard it was
+sampling: rerun the same command to finish.
 """
 
 from __future__ import annotations
@@ -44,20 +45,32 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from ..data.datasets import DatasetError
-from ..data.store import StoreError
-from ..diffusion import generate as generation
 from .hydra_conf import CONFIG_PATH, run_hydra_command, task_started
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")
 def _hydra_main(cfg: DictConfig) -> None:
     task_started()
+    from ..conf.compose import primary_keys
+    from ..training.config import ConfigError, check_keys  # no torch: a typo'd key is answered at once
+
     try:
-        generation.generate(cfg)
+        check_keys(cfg, primary_keys("generate"), "robustdiff-generate", "would be ignored")
+    except ConfigError as e:
+        print(f"robustdiff-generate: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    # Imported here, not at the top: --help, --cfg, --info and completion need none of torch/Lightning.
+    from ..data.datasets import DatasetError
+    from ..data.store import StoreError
+    from ..diffusion import generate as generation
+
+    try:
+        result = generation.generate(cfg)
     except (generation.GenerationError, StoreError, DatasetError) as e:
         print(f"robustdiff-generate: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if result and result.get("stopped"):  # a stop signal: finished shards kept, the same command resumes
+        sys.exit(128 + result["signal"] if result.get("signal") else 1)
 
 
 def main() -> None:

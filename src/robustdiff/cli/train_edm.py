@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from .hydra_conf import (
     CONFIG_PATH,
+    refuse_job,
     run_hydra_command,
     run_training_job,
     task_started,
@@ -25,10 +26,16 @@ from .sweep import own_job_argv
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train_edm")
 def _hydra_main(cfg: DictConfig) -> None:
     task_started()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    from ..training.config import ConfigError, check_edm_keys  # no torch: a typo'd key is answered at once
+
+    try:
+        check_edm_keys(cfg)
+    except ConfigError as e:
+        refuse_job("robustdiff-edm", e, run_dir)
     # Imported here, not at the top: --help, --cfg, --info and completion need none of torch/Lightning.
     from ..training.edm_run import train_edm
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_training_job("robustdiff-edm", run_dir, lambda: train_edm(cfg, run_dir))
 
 

@@ -19,3 +19,16 @@ def compose_config(config_name: str, overrides: Sequence[str]) -> DictConfig:
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name, overrides=list(overrides))
+
+
+def primary_keys(config_name: str) -> set[str]:
+    """The top-level keys of a primary config (``train_edm``, ``generate``): its own keys and the groups its
+    defaults list composes in — every key the command has, read from the file without composing it."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / f"{config_name}.yaml"))
+    keys = {k for k in node if k != "defaults"}
+    for entry in node.get("defaults", []):
+        if isinstance(entry, dict):
+            keys.update(k.split("@")[-1] for k in entry if not k.startswith(("override ", "hydra")))
+    return keys

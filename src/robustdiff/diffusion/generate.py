@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from ..conf.compose import primary_keys
 from ..data.store import (
     StoreError,
     assemble_block_store,
@@ -29,7 +30,9 @@ from ..data.store import (
     finished_blocks,
     open_block_store,
 )
+from ..training.config import ConfigError, check_keys
 from ..utils.io import file_sha256
+from ..utils.signals import StopSignals
 from .generation_inputs import (
     AUTOCAST,
     GenerationError,
@@ -48,7 +51,8 @@ __all__ = ["GenerationError", "generate", "run_generation"]
 
 
 def run_generation(fabric, cfg: dict) -> dict | None:
-    """Body of one process (rank). Returns the final manifest on rank 0, None when stopped early."""
+    """Body of one process (rank). Returns the final manifest on rank 0 (None on the others), or
+    ``{"stopped": True, "signal", "shards_written"}`` when a stop signal ended it early."""
     log = GenerationWandb(cfg if fabric.global_rank == 0 else {})
     try:
         result = _run_generation(fabric, cfg, log)
@@ -121,8 +125,10 @@ def _run_generation(fabric, cfg: dict, log: GenerationWandb) -> dict | None:
     written = 0
     on_disk = set(finished_blocks(target)) if mine else set()
     writer = ShardWriter()  # shard b is written while shard b+1 samples
+    # SIGTERM / SIGUSR1 / Ctrl-C: the shard being sampled is finished and written, then the job stops; every
+    # finished shard stays, and the same command writes only the missing ones.
     try:
-        with bar:
+        with bar, StopSignals("the end of this shard") as stop:
             for b in mine:
                 a, z = ranges[b]
                 shard_start = time.perf_counter()
@@ -148,7 +154,7 @@ def _run_generation(fabric, cfg: dict, log: GenerationWandb) -> dict | None:
                 writer.submit(write_shard, target, b, images if fresh else None, labels, scores)
                 log.shard(b, (z - a) if fresh else 0, time.perf_counter() - shard_start)
                 written += 1
-                if cfg["stop_after_shards"] is not None and written >= cfg["stop_after_shards"]:
+                if stop.received is not None:
                     break
     finally:
         writer.close()
@@ -157,9 +163,9 @@ def _run_generation(fabric, cfg: dict, log: GenerationWandb) -> dict | None:
     fabric.barrier()
     if float(stopped) > 0:
         if fabric.global_rank == 0:
-            print(f"robustdiff-generate: stopped after {written} shard(s) on rank 0; rerun the same command to finish "
-                  f"{target}")
-        return None
+            print(f"robustdiff-generate: stopped by a signal after {written} shard(s) on rank 0; rerun the same "
+                  f"command to finish {target}")
+        return {"stopped": True, "signal": stop.received, "shards_written": written}
     if fabric.global_rank != 0:
         return None
     if total:
@@ -177,10 +183,15 @@ def _run_generation(fabric, cfg: dict, log: GenerationWandb) -> dict | None:
 
 def generate(cfg: DictConfig | dict) -> dict | None:
     """Run the generation job described by a composed ``conf/generate.yaml`` (any number of processes).
-    Returns rank 0's final manifest (None when stopped early)."""
+    Returns rank 0's final manifest, or ``{"stopped": True, "signal": N, "shards_written": k}`` when SIGTERM,
+    SIGUSR1 or Ctrl-C stopped it after the shard it was sampling (rerun the same command to finish)."""
     from lightning_fabric import Fabric
 
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    try:  # +steps=18 for steps=18: a typo, refused, not a silently ignored setting
+        check_keys(cfg, primary_keys("generate"), "robustdiff-generate", "would be ignored")
+    except ConfigError as e:
+        raise GenerationError(str(e)) from None
     dataset = cfg.get("dataset")  # the dataset group ({name: ...}) or a plain name
     cfg["dataset"] = dataset.get("name") if isinstance(dataset, dict) else dataset
     for key in ("network", "n", "out"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +24,7 @@ from ..utils.io import (
     atomic_write_text,
     load_weights,
 )
-
-
-def stop_requested(signum: int, already: int | None) -> int:
-    """The rule of every robustdiff job's signal handler: note the signal, save and stop at the next step
-    boundary; a second Ctrl-C stops at once without saving. Returns the signal to record."""
-    if signum == signal.SIGINT:
-        if already == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving this step's position
-        print("\nrobustdiff: Ctrl-C — saving the run at the end of this step (press Ctrl-C again to stop "
-              "without saving)", flush=True)
-    return signum
-
+from ..utils.signals import install_stop_handlers, restore_handlers, stop_requested
 
 HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_loss_natural", "train_loss_robust", "train_acc_natural",
                   "train_acc_adv", "test_clean_acc", "val_clean_acc", "val_pgd_acc", "test_pgd_acc", "is_best"]
@@ -184,20 +172,13 @@ class RunCheckpoint(ModelCheckpoint):
     # -- signals: remember, then act between two steps so the saved state is consistent
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT):
-            if sig is not None:
-                try:
-                    self._previous[sig] = signal.signal(sig, self._handle)
-                except ValueError:  # not the main thread
-                    pass
+        self._previous = install_stop_handlers(self._handle)
 
     def _handle(self, signum, frame) -> None:
         self._signal = self.received = stop_requested(signum, self.received)
 
     def _restore_handlers(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        restore_handlers(self._previous)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Not ModelCheckpoint's: it would write last.ckpt again after a signal's mid-epoch save.

@@ -56,22 +56,31 @@ def attack_config(norm: DictConfig) -> AttackConfig:
         raise ConfigError(str(e)) from e
 
 
-def _known_keys() -> set[str]:
-    """The top-level keys of robustdiff-train's config: the schema's fields."""
-    return top_level_keys()
-
-
-def check_keys(cfg: DictConfig) -> None:
-    """A top-level key robustdiff-train does not know (``+epoch=3`` for ``epochs=3``) is a typo, not a setting."""
+def check_keys(cfg: DictConfig, known: set[str] | None = None, prog: str = "robustdiff-train",
+               effect: str = "would change nothing but the run's name", prefix: str = "") -> None:
+    """A key the command does not know (``+epoch=3`` for ``epochs=3``) is a typo, not a setting. ``known``: the
+    keys of ``cfg`` (default: robustdiff-train's schema); ``prefix``: where ``cfg`` sits (``"edm."``)."""
     import difflib
 
-    known = _known_keys()
+    known = top_level_keys() if known is None else known
     for key in cfg:
         if key not in known and key != "hydra":
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f"did you mean {close[0]}=...?" if close else "see robustdiff-train --help for the keys"
-            raise ConfigError(f"{key}: not a robustdiff-train setting (added with +{key}=...); {hint} — an unknown "
-                              f"key would change nothing but the run's name")
+            hint = f"did you mean {prefix}{close[0]}=...?" if close else f"see {prog} --help for the keys"
+            raise ConfigError(f"{prefix}{key}: not a {prog} setting (added with +{prefix}{key}=...); {hint} — an "
+                              f"unknown key {effect}")
+
+
+def check_edm_keys(cfg: DictConfig) -> None:
+    """robustdiff-edm's keys: the top level of train_edm.yaml and the keys of its ``edm`` group's options."""
+    from pathlib import Path
+
+    from ..conf.compose import CONF_DIR, primary_keys
+
+    check_keys(cfg, primary_keys("train_edm"), "robustdiff-edm")
+    options = sorted((Path(CONF_DIR) / "edm").glob("*.yaml"))
+    check_keys(cfg.edm, set().union(*(primary_keys(f"edm/{p.stem}") for p in options)), "robustdiff-edm",
+               prefix="edm.")
 
 
 def _shown(value: Any) -> str:

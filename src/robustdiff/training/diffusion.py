@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +42,8 @@ from ..diffusion.sampler import sample_images
 from ..models.unet import unet_preset
 from ..utils.images import image_grid, labelled_grid, save_png
 from ..utils.io import UnreadableWeightsError, atomic_torch_save, atomic_write_json, load_weights
+from ..utils.signals import install_stop_handlers, restore_handlers, stop_requested
 from .adversarial import step_seed
-from .callbacks import stop_requested
 
 NETWORK_FORMAT = "robustdiff-edm-network"
 
@@ -264,18 +263,13 @@ class EDMSnapshot(Checkpoint):
         return self.run_dir / "checkpoints" / "last.ckpt"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: EDMTraining) -> None:
-        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT):
-            if sig is not None:
-                with contextlib.suppress(ValueError):  # not the main thread
-                    self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous = install_stop_handlers(self._handle)
 
     def _handle(self, signum, frame) -> None:
         self._signal = self.received = stop_requested(signum, self.received)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: EDMTraining) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        restore_handlers(self._previous)
 
     def on_train_batch_end(self, trainer, pl_module: EDMTraining, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

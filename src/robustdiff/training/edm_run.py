@@ -18,7 +18,7 @@ from ..models.unet import UNET_PRESETS, resolution_pyramid
 from ..utils.io import atomic_write_json, remove_orphan_temporaries
 from ..utils.lock import DirectoryLock
 from .callbacks import load_checkpoint_file
-from .config import ConfigError, dataset_info, need
+from .config import ConfigError, check_edm_keys, dataset_info, need
 from .diffusion import EDMSnapshot, EDMTraining, edm_summary, network_kwargs
 from .resume import EDM_RESUMABLE_CHANGES, check_resume, config_identity, write_run_files
 from .trainer import fit_run, is_launching_process, job_warnings, logger_target, make_trainer
@@ -31,6 +31,7 @@ IDENTITY_FIELDS = ("dataset", "resolution", "label_dim", "network", "kwargs", "b
 
 def validate(cfg: DictConfig) -> dict[str, Any]:
     """Range checks that must fail before any data is read; returns the run's description (run.json)."""
+    check_edm_keys(cfg)
     info = dataset_info(cfg)
     e = cfg.edm
     need(e.network in UNET_PRESETS, f"edm.network={e.network!r}: choose a SongUNet preset of {sorted(UNET_PRESETS)}")
