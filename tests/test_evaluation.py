@@ -285,6 +285,21 @@ def test_paper_table_lookup_and_markdown():
     assert "| paper | 92.44 | — | 67.31 |" in md and "| robustdiff | 90.00 |" in md
 
 
+
+def test_an_autoattack_subset_weaker_than_pgd_says_so():
+    """apgd-ce alone can leave more points standing than the run's PGD: eval.md says which bound holds."""
+    settings = {"name": "x", "dataset": "fashionmnist", "norm": "linf", "eps": EPS, "model": "wrn-10-1",
+                "n_generated": 0, "seed": 0, "pgd_steps": 10, "pgd_loss": "cw"}
+    aa = {"version": "custom", "attacks": ["apgd-ce"], "robust_acc": 0.36, "per_attack": {"clean": 0.41,
+                                                                                          "apgd-ce": 0.36}}
+    results = {"settings": settings, "n_examples": 200, "clean": {"acc": 0.41}, "pgd": {"acc": 0.355},
+               "autoattack": aa, "warnings": [], "paper": None}
+    md = render_eval_markdown(results)
+    assert "This AutoAttack subset (apgd-ce) is weaker here than PGD-10 cw" in md
+    results["pgd"] = {"acc": 0.37}
+    assert "weaker here" not in render_eval_markdown(results)
+
+
 # --- export ------------------------------------------------------------------------------------------
 
 def _spec_keys(depth: int, width: int) -> set[str]:

@@ -9,7 +9,8 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from conftest import EXPERIMENTS_DIR, compose_train
-from robustdiff.training.run import ConfigError, run_name, train
+from robustdiff.training.run import ConfigError, train
+from robustdiff.utils.naming import run_name
 
 
 def load_weights(run_dir: Path) -> dict:

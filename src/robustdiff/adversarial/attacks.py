@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..conf.schema import ATTACK_LOSSES
-from ..utils.choices import parse_fraction  # noqa: F401  (defined torch-free, re-exported)
 
 NORMS = ("linf", "l2")
 

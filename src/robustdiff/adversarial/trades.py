@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data.augment import draw
 from .attacks import _l2_norm, frozen_bn_stats, input_grad_only, pgd_attack, project
-from .config import AttackConfig  # noqa: F401  (torch-free, re-exported)
+from .config import AttackConfig
 
 
 def kl_batchmean(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # torch, Lightning and the stages are imported when the demo runs: --help answers at once.
-from ..evaluation.results import has_evaluation as _evaluated  # noqa: F401  (still importable from here)
 from ..pipeline.demo import DemoSettings
+from ..utils.formatting import percent
 from .common import argument_parser
 
 _D = DemoSettings()  # the defaults
@@ -81,16 +81,12 @@ def run_demo(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{e.command}: {e}") from None
     print(f"\nrobustdiff-demo: {result['report']}")
     for r in result["rows"]:
-        print(f"  {r['run']:>9}: clean {_pct(r['eval_clean'] or r['clean_best'])}, "
-              f"AutoAttack {_pct(r['autoattack'])} on {r['eval_n']} test images "
-              f"(PGD-{r['pgd_steps'] or '?'} best epoch {_pct(r['pgd_best'])})")
+        print(f"  {r['run']:>9}: clean {percent(r['eval_clean'] or r['clean_best'], scale=1)}, "
+              f"AutoAttack {percent(r['autoattack'], scale=1)} on {r['eval_n']} test images "
+              f"(PGD-{r['pgd_steps'] or '?'} best epoch {percent(r['pgd_best'], scale=1)})")
     print("  " + result["verdict"])
     print("  stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items()))
     return result
-
-
-def _pct(v) -> str:
-    return "—" if v is None else f"{v:.2f}%"
 
 
 def _check_aa_attacks(parser: argparse.ArgumentParser, text: str | None) -> None:

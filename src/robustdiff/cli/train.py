@@ -10,8 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ..utils.extras import missing_extra
-from .hydra_conf import (  # noqa: F401  (CONF_DIR: for callers that compose configs)
-    CONF_DIR,
+from .hydra_conf import (
     CONFIG_PATH,
     refuse_job,
     run_hydra_command,

@@ -162,7 +162,8 @@ def load_classifier(path: str | os.PathLike, dataset: str | None, num_classes: i
 
 def plan(cfg: dict, num_classes: int) -> dict[str, Any]:
     """Counts and paths of the job (checks that must fail before any work)."""
-    from ..utils.hardware import COMPILE_CHOICES, COMPILE_MODES
+    from ..conf.schema import COMPILE_MODES
+    from ..utils.choices import COMPILE_CHOICES
     from .sampler import SEEDINGS
 
     n, keep = cfg["n"], cfg["keep_fraction"]

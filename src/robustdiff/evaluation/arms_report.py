@@ -12,16 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..utils.formatting import format_pct
 from ..utils.io import atomic_path, atomic_write_json, atomic_write_text
 from .runs import load_run, read_history
 
 
 def _json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _pct(v: float | None, digits: int = 2) -> str:
-    return "—" if v is None else f"{100 * v:.{digits}f}"
 
 
 def _se(p: float | None, n: int | None) -> float | None:
@@ -91,10 +88,10 @@ def findings(data: dict[str, Any], spec: Any) -> list[str]:
     q = {k: v for k, v in data["quality"].items() if v}
     if q:
         out.append("Stores (classifier FD, label agreement): " + ", ".join(
-            f"{k} {v['value']:.2f}, {_pct(v['label_agreement'], 1)}%"
-            + (f" (candidates before selection {_pct(v['before_selection']['label_agreement'], 1)}%)"
+            f"{k} {v['value']:.2f}, {format_pct(v['label_agreement'], 1)}%"
+            + (f" (candidates before selection {format_pct(v['before_selection']['label_agreement'], 1)}%)"
                if v.get("before_selection") else "") for k, v in q.items())
-            + (f"; real held-out images {data['floor']['value']:.2f}, {_pct(data['floor']['label_agreement'], 1)}%"
+            + (f"; real held-out images {data['floor']['value']:.2f}, {format_pct(data['floor']['label_agreement'], 1)}%"
                if data.get("floor") else "") + ".")
     stores = sorted({r["store"] for r in rows if r["store"]})
     for store in stores:
@@ -106,7 +103,7 @@ def findings(data: dict[str, Any], spec: Any) -> list[str]:
                 continue
             verdict = ("higher" if c["diff"] > 0 else "lower") if c["resolved"] else "not resolved"
             out.append(f"{label}, {store} (ratio {arm_rows[0]['ratio']:g}, {c['n_a']} seed(s)) vs real only "
-                       f"({c['n_b']} seed(s)): {_pct(c['a'])}% vs {_pct(c['b'])}%, {100 * c['diff']:+.2f} points "
+                       f"({c['n_b']} seed(s)): {format_pct(c['a'])}% vs {format_pct(c['b'])}%, {100 * c['diff']:+.2f} points "
                        f"(standard error {100 * c['se']:.2f}, seed range {100 * c['spread']:.2f}): {verdict}.")
     gaps = [(r["arm"], r["pgd_gap"], r["best_epoch"], r["epochs"]) for r in rows if r["pgd_gap"] is not None]
     if gaps:
@@ -190,11 +187,11 @@ def render(data: dict[str, Any], spec: Any, figs: dict[str, str]) -> str:
         if q:
             before = q.get("before_selection") or {}
             lines.append(f"| {name} | {q['generator']} | {q['kimg']:g} | {q['n_images']:,} | {q['keep_fraction']:g} "
-                         f"| {q['value']:.3f} | {_pct(q['label_agreement'])} | {_pct(before.get('label_agreement'))} |")
+                         f"| {q['value']:.3f} | {format_pct(q['label_agreement'])} | {format_pct(before.get('label_agreement'))} |")
     if data.get("floor"):
         f = data["floor"]
         lines.append(f"| real, held out ({f['source']}) | — | — | {f['n']:,} | — | {f['value']:.3f} | "
-                     f"{_pct(f['label_agreement'])} | — |")
+                     f"{format_pct(f['label_agreement'])} | — |")
     lines += ["", "## Arms", "", "| arm | store | ratio | seed | best epoch | clean best | PGD best | AA best | "
               "clean last | PGD last | PGD best − last |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -203,8 +200,8 @@ def render(data: dict[str, Any], spec: Any, figs: dict[str, str]) -> str:
             continue
         gap = "—" if r["pgd_gap"] is None else f"{100 * r['pgd_gap']:+.2f}"
         lines.append(f"| {r['arm']}{'' if r['finished'] else ' (unfinished)'} | {r['store'] or 'none'} | "
-                     f"{r['ratio']:g} | {r['seed']} | {r['best_epoch']}/{r['epochs']} | {_pct(r['clean_best'])} | "
-                     f"{_pct(r['pgd_best'])} | {_pct(r['aa'])} | {_pct(r['clean_last'])} | {_pct(r['pgd_last'])} | "
+                     f"{r['ratio']:g} | {r['seed']} | {r['best_epoch']}/{r['epochs']} | {format_pct(r['clean_best'])} | "
+                     f"{format_pct(r['pgd_best'])} | {format_pct(r['aa'])} | {format_pct(r['clean_last'])} | {format_pct(r['pgd_last'])} | "
                      f"{gap} |")
     aa = spec.autoattack
     lines += ["", f"Accuracies in %. Clean and PGD on the first {test_n:,} test images (standard error of one "

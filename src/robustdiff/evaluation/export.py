@@ -17,9 +17,10 @@ from typing import Any
 
 from ..models.loading import Architecture, is_wideresnet_record
 from ..models.wrn import WideResNet
+from ..utils.formatting import format_pct
 from ..utils.io import atomic_torch_save, atomic_write_json
 from .evaluate import EvaluationError, ModelTarget, read_json, resolve_settings, unfinished_run_warning
-from .results import format_count, format_eps, format_pct
+from .results import format_count, format_eps
 from .robustness import check_eps
 
 log = logging.getLogger("robustdiff.eval")

@@ -13,6 +13,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from ..utils.formatting import format_pct
 from ..utils.io import atomic_write_json, atomic_write_text
 
 
@@ -33,11 +34,6 @@ def format_count(n: int | None) -> str:
             value = Fraction(n, size)
             return f"{float(value):g}{unit}"
     return str(n)
-
-
-def format_pct(v: float | None, digits: int = 2, missing: str | None = "—") -> str | None:
-    """An accuracy given as a fraction, in percent without the sign: 0.6335 -> '63.35'; None -> ``missing``."""
-    return missing if v is None else f"{100 * v:.{digits}f}"
 
 
 def render_eval_markdown(results: dict[str, Any]) -> str:
@@ -67,6 +63,10 @@ def render_eval_markdown(results: dict[str, Any]) -> str:
     if aa:
         lines += ["", "AutoAttack, robust accuracy after each attack: "
                   + ", ".join(f"{k} {100 * v:.2f}%" for k, v in aa["per_attack"].items()) + "."]
+        if pgd and aa["version"] != "standard" and aa["robust_acc"] > pgd["acc"]:
+            lines += ["", f"This AutoAttack subset ({'+'.join(aa['attacks'])}) is weaker here than {pgd_name}: "
+                      "the model's robust accuracy is at most the lower number. Standard AutoAttack (all four "
+                      "attacks) is the figure to report."]
     if results.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in results["warnings"]]
     return "\n".join(lines) + "\n"

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adversarial.attacks import NORMS, accuracy_counts, parse_fraction, pgd_attack
+from ..adversarial.attacks import NORMS, accuracy_counts, pgd_attack
+from ..utils.choices import parse_fraction
 
 # --- ε handling --------------------------------------------------------------------------------------
 

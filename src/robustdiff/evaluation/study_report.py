@@ -13,16 +13,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..utils.formatting import format_pct
 from ..utils.io import atomic_path, atomic_write_json, atomic_write_text
 from .runs import load_run, read_history
 
 
 def _json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _pct(v: float | None, digits: int = 2) -> str:
-    return "—" if v is None else f"{100 * v:.{digits}f}"
 
 
 def collect(out: Path, spec: Any) -> dict[str, Any]:
@@ -87,9 +84,9 @@ def findings(data: dict[str, Any], spec: Any) -> list[str]:
         best = min(quality, key=lambda g: quality[g]["value"])
         order = sorted(quality, key=lambda g: quality[g]["value"])
         out.append("Generator quality (classifier FD, lower is better): " + ", ".join(
-            f"{g} {quality[g]['value']:.2f} (label agreement {_pct(quality[g].get('label_agreement'), 1)}%)"
+            f"{g} {quality[g]['value']:.2f} (label agreement {format_pct(quality[g].get('label_agreement'), 1)}%)"
             for g in order) + (f"; real held-out images {data['floor']['value']:.2f} "
-                               f"({_pct(data['floor'].get('label_agreement'), 1)}%)" if data.get("floor") else "")
+                               f"({format_pct(data['floor'].get('label_agreement'), 1)}%)" if data.get("floor") else "")
             + ".")
         main = [r for r in rows if r["generator"] == best and r["ratio"] == spec.train.ratio]
         for key, label in (("aa", "AutoAttack"), ("pgd_best", "test PGD at the best epoch"),
@@ -98,7 +95,7 @@ def findings(data: dict[str, Any], spec: Any) -> list[str]:
             if a is not None and b is not None:
                 verdict = "higher" if a > b else "lower" if a < b else "equal"
                 out.append(f"{label}: best generator ({best}, ratio {spec.train.ratio:g}, mean of {len(main)} "
-                           f"seed(s)) {_pct(a)}% vs real data only (mean of {len(real)}) {_pct(b)}%: "
+                           f"seed(s)) {format_pct(a)}% vs real data only (mean of {len(real)}) {format_pct(b)}%: "
                            f"{100 * (a - b):+.2f} points, {verdict}.")
         by_gen = []
         for g in order:
@@ -115,14 +112,14 @@ def findings(data: dict[str, Any], spec: Any) -> list[str]:
             else:
                 verdict = "did not go with higher"
             out.append(f"Lower FD {verdict} AutoAttack accuracy at the first seed: " +
-                       ", ".join(f"{g} FD {fd:.2f} → AA {_pct(aa)}%" for fd, aa, g in by_gen) + ".")
+                       ", ".join(f"{g} FD {fd:.2f} → AA {format_pct(aa)}%" for fd, aa, g in by_gen) + ".")
     if quality:
         seed0 = spec.train.seeds[0]
         sweep = sorted((r["ratio"], r) for r in rows if r["generator"] == best and r["seed"] == seed0)
         sweep += [(1.0, r) for r in rows if r["generator"] is None and r["seed"] == seed0]
         if len(sweep) >= 3:
             out.append(f"Ratio of real images per batch with {best} (seed {seed0}; 1 = real data only), AutoAttack / "
-                       "test PGD at the best epoch: " + ", ".join(f"{ratio:g}: {_pct(r['aa'])}% / {_pct(r['pgd_best'])}%"
+                       "test PGD at the best epoch: " + ", ".join(f"{ratio:g}: {format_pct(r['aa'])}% / {format_pct(r['pgd_best'])}%"
                                                                  for ratio, r in sweep) + ".")
     gaps = [(r["arm"], r["pgd_gap"], r["best_epoch"], r["epochs"]) for r in rows if r["pgd_gap"] is not None]
     if gaps:
@@ -209,19 +206,19 @@ def render(data: dict[str, Any], spec: Any, figures: dict[str, str]) -> str:
               "|---|---|---|---|---|---|"]
     for g, q in data["quality"].items():
         if q:
-            per = " ".join(_pct(v, 0) for v in q.get("label_agreement_per_class") or [])
+            per = " ".join(format_pct(v, 0) for v in q.get("label_agreement_per_class") or [])
             lines.append(f"| {g} | {q.get('kimg', spec.generators[g]):g} | {q['value']:.3f} | "
-                         f"{_pct(q.get('label_agreement'))} | {q['n']:,} | {per} |")
+                         f"{format_pct(q.get('label_agreement'))} | {q['n']:,} | {per} |")
     if data.get("floor"):
         f = data["floor"]
-        per = " ".join(_pct(v, 0) for v in f.get("label_agreement_per_class") or [])
-        lines.append(f"| real, held out ({f['source']}) | — | {f['value']:.3f} | {_pct(f.get('label_agreement'))} "
+        per = " ".join(format_pct(v, 0) for v in f.get("label_agreement_per_class") or [])
+        lines.append(f"| real, held out ({f['source']}) | — | {f['value']:.3f} | {format_pct(f.get('label_agreement'))} "
                      f"| {f['n']:,} | {per} |")
     q0 = next((q for q in data["quality"].values() if q), None) or data.get("floor") or {}
     if q0:
         lines += ["", f"Classifier FD: Fréchet distance of the penultimate features of `{q0.get('classifier')}` "
                       f"({q0.get('classifier_model')}, sha256 `{str(q0.get('classifier_sha256'))[:16]}…`, clean test "
-                      f"accuracy {_pct(q0.get('classifier_test_clean_acc'))}%) against `{q0.get('reference_source')}`."
+                      f"accuracy {format_pct(q0.get('classifier_test_clean_acc'))}%) against `{q0.get('reference_source')}`."
                       " FDs are comparable only within this classifier's feature space."]
     lines += ["", "## Arms (the paper's overfitting table, with generator quality)", "",
               "| arm | generator | FD | ratio | seed | best epoch | clean best | PGD best | AA best | clean last | "
@@ -230,8 +227,8 @@ def render(data: dict[str, Any], spec: Any, figures: dict[str, str]) -> str:
         gap = "—" if r["pgd_gap"] is None else f"{100 * r['pgd_gap']:+.2f}"
         fd = "—" if r["fd"] is None else f"{r['fd']:.2f}"
         lines.append(f"| {r['arm']}{'' if r['finished'] else ' (unfinished)'} | {r['generator'] or 'none'} | {fd} | "
-                     f"{r['ratio']:g} | {r['seed']} | {r['best_epoch']}/{r['epochs']} | {_pct(r['clean_best'])} | "
-                     f"{_pct(r['pgd_best'])} | {_pct(r['aa'])} | {_pct(r['clean_last'])} | {_pct(r['pgd_last'])} | "
+                     f"{r['ratio']:g} | {r['seed']} | {r['best_epoch']}/{r['epochs']} | {format_pct(r['clean_best'])} | "
+                     f"{format_pct(r['pgd_best'])} | {format_pct(r['aa'])} | {format_pct(r['clean_last'])} | {format_pct(r['pgd_last'])} | "
                      f"{gap} |")
     pgd_note = ""
     first = rows[0] if rows else None

@@ -26,7 +26,8 @@ from ..adversarial.trades import AttackConfig, pgd_at_loss, standard_loss, trade
 from ..conf.schema import choices
 from ..data.augment import augment_images, to_float_nchw
 from ..models.wrn import bn_parameter_names, set_bn_momentum
-from ..utils.hardware import COMPILE_CHOICES, allow_graphs
+from ..utils.choices import COMPILE_CHOICES
+from ..utils.hardware import allow_graphs
 from .ema import EMA
 from .schedule import CosineW
 

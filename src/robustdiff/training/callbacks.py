@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.callbacks.progress.tqdm_progress import convert_inf
 from pytorch_lightning.trainer.states import TrainerFn
 
+from ..utils.formatting import percent
 from ..utils.io import (
     UnreadableWeightsError,
     atomic_path,
@@ -305,11 +305,11 @@ class EpochSummary(pl.Callback):
                 or trainer.state.fn != TrainerFn.FITTING or not pl_module.history):
             return
         row = pl_module.history[-1]
-        test_pgd = f", test PGD {fmt_acc(row['test_pgd_acc'])}" if row.get("test_pgd_acc") is not None else ""
-        line = (f"epoch {row['epoch']}/{pl_module.epochs}: test clean {fmt_acc(row['test_clean_acc'])}, "
-                f"val PGD {fmt_acc(row['val_pgd_acc'])}{test_pgd}{' (new best)' if row.get('is_best') else ''}; "
+        test_pgd = f", test PGD {percent(row['test_pgd_acc'])}" if row.get("test_pgd_acc") is not None else ""
+        line = (f"epoch {row['epoch']}/{pl_module.epochs}: test clean {percent(row['test_clean_acc'])}, "
+                f"val PGD {percent(row['val_pgd_acc'])}{test_pgd}{' (new best)' if row.get('is_best') else ''}; "
                 f"best {'val clean ' if getattr(pl_module, 'select', 'pgd') == 'clean' else ''}"
-                f"{fmt_acc(pl_module.best_score)} at epoch {pl_module.best_epoch}; "
+                f"{percent(pl_module.best_score)} at epoch {pl_module.best_epoch}; "
                 f"train {pl_module._train_time:.1f}s ({pl_module.images_per_s:,.0f} img/s), "
                 f"eval {pl_module._eval_time:.1f}s")
         bar = trainer.progress_bar_callback
@@ -319,10 +319,6 @@ class EpochSummary(pl.Callback):
             print(line, flush=True)
 
 
-def fmt_acc(value: float | None) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
-
-
 __all__ = ["AtomicCheckpointIO", "CheckpointFileError", "load_checkpoint_file", "RunCheckpoint", "EpochSummary",
-           "requeue_signal", "write_history", "summarise", "is_finished", "stop_record", "republish", "fmt_acc",
+           "requeue_signal", "write_history", "summarise", "is_finished", "stop_record", "republish",
            "atomic_path"]

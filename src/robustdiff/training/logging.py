@@ -23,8 +23,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Checkpoint
 
-from ..adversarial.attacks import parse_fraction, pgd_attack
+from ..adversarial.attacks import pgd_attack
 from ..conf.schema import WANDB_MODES
+from ..utils.choices import parse_fraction
 from ..utils.io import atomic_write_json
 
 RECORD = "wandb.json"  # in the run directory: {"id", "project", "entity", "group", "job_type"}

@@ -21,12 +21,13 @@ from ..data.datamodule import RobustDataModule, datamodule_class, datamodule_kwa
 from ..data.datasets import get_info
 from ..models.build import ModelTargetError, dataset_kwargs, model_class, model_kwargs, unknown_kwargs, wrap
 from ..models.wrn import BN_MOMENTUM, set_bn_momentum
+from ..utils import naming  # noqa: F401  (importing it registers the rd_* resolvers the configs use)
+from ..utils.formatting import percent
 from ..utils.hardware import resolve_precision
 from ..utils.io import remove_orphan_temporaries
 from ..utils.lock import DirectoryLock
-from ..utils.naming import run_name  # noqa: F401  (run_name: re-exported; importing registers rd_run_name)
 from .adversarial import AdversarialTraining
-from .callbacks import EpochSummary, RunCheckpoint, fmt_acc, republish
+from .callbacks import EpochSummary, RunCheckpoint, republish
 from .config import ConfigError, validate
 from .resume import check_resume, config_identity, write_run_files
 from .trainer import fit_run, is_launching_process, job_warnings, make_trainer, user_callbacks
@@ -212,10 +213,10 @@ def print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
         print(f"robustdiff: stopped early after epoch {stopped['epoch']} of {stopped['epochs']} by {stopped['by']}: "
               f"{stopped['reason']}")
     print(f"robustdiff: {run_dir}\n"
-          f"  best epoch {summary['best_epoch']}: val PGD {fmt_acc(summary['best_val_pgd_acc'])}, "
-          f"test clean {fmt_acc(summary['test_clean_acc_best'])}\n"
-          f"  last epoch {summary['last_epoch']}: test clean {fmt_acc(summary['test_clean_acc_last'])}, "
-          f"test PGD {fmt_acc(summary.get('test_pgd_acc_last'))}\n"
+          f"  best epoch {summary['best_epoch']}: val PGD {percent(summary['best_val_pgd_acc'])}, "
+          f"test clean {percent(summary['test_clean_acc_best'])}\n"
+          f"  last epoch {summary['last_epoch']}: test clean {percent(summary['test_clean_acc_last'])}, "
+          f"test PGD {percent(summary.get('test_pgd_acc_last'))}\n"
           f"  best model (EMA weights): {run_dir / 'model.pt'} (full state: {run_dir / 'checkpoints' / 'best.ckpt'})\n"
           f"  attack it (clean, PGD, AutoAttack): {eval_suggestion(run_dir)}")
 

@@ -3,7 +3,7 @@ them before torch and Lightning load."""
 
 from __future__ import annotations
 
-from ..conf.schema import COMPILE_MODES, choices  # noqa: F401  (COMPILE_MODES: re-exported)
+from ..conf.schema import choices
 
 COMPILE_CHOICES = choices("compile")  # false, true or a torch.compile mode (COMPILE_MODES)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 # Accepted values of the `compile` settings: off, on (torch.compile's default mode), or a torch.compile mode.
-from .choices import COMPILE_CHOICES, COMPILE_MODES  # noqa: F401  (defined torch-free, used here)
 
 
 def torch_device(name: str | torch.device | None) -> torch.device:
