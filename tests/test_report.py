@@ -192,3 +192,14 @@ def test_edm_sample_grid_has_one_labelled_row_per_class():
     assert grid.shape[0] == 2 + 10 * (64 + 2) and grid.shape[1] > 2 + 66 + 60 and grid.shape[2] == 3
     assert class_names("cifar100", 100)[7] == "class 7" and class_names("fashionmnist", 10)[9] == "Ankle boot"
     json.dumps(class_names("svhn", 10))
+
+
+def test_sweep_legends_name_a_store_by_its_last_two_parts():
+    """A legend entry is the setting that differs, readable: a store's path by its last two parts, never a
+    clipped middle of it."""
+    from robustdiff.evaluation.plots import _legend
+
+    label = _legend({"generated": "/data/runs/demo/generator/store", "ratio": 0.5}, "run")
+    assert label == "generated=generator/store, ratio=0.5"
+    assert _legend({"generated": None, "ratio": 1.0}, "run") == "generated=None, ratio=1"
+    assert _legend({}, "fallback") == "fallback"

@@ -114,7 +114,9 @@ def _legend(settings: dict[str, Any], fallback: str) -> str:
             text = format_eps(v) if key.split(".")[-1] in ("eps", "step") else f"{v:g}"
         else:
             text = str(v)
-        return text if len(text) <= 24 else "…" + text[-23:]  # a store's path: its last part tells them apart
+        if "/" in text.rstrip("/"):  # a store's path: its last two parts tell them apart
+            text = "/".join(Path(text).parts[-2:])
+        return text if len(text) <= 32 else text[:31] + "…"
 
     parts = [f"{k}={short(k, v)}" for k, v in settings.items()]
     return ", ".join(parts) if parts else fallback
