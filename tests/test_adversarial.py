@@ -209,3 +209,21 @@ def test_l2_zero_gradient_rows_get_random_direction():
     norms = (x_adv - x).flatten(1).norm(dim=1)
     assert torch.all(norms > 0.01) and torch.all(norms <= 0.5 + 1e-5)
     assert math.isfinite(norms.sum().item())
+
+
+def test_training_and_evaluation_accept_the_same_epsilons():
+    """One bound per norm (adversarial.config.EPS_LIMIT): an ε that trains can be evaluated, and an ε in pixel
+    units is refused by both with the /255 fix."""
+    import pytest
+
+    from robustdiff.adversarial.config import EPS_LIMIT, AttackConfig
+    from robustdiff.evaluation.robustness import EpsilonError, check_eps
+
+    for norm, limit in EPS_LIMIT.items():
+        AttackConfig(norm=norm, eps=limit)
+        assert check_eps(norm, limit) == limit
+        for eps in (limit * 1.5, 128.0):
+            with pytest.raises(ValueError, match=r"/255"):
+                AttackConfig(norm=norm, eps=eps)
+            with pytest.raises(EpsilonError, match=r"/255"):
+                check_eps(norm, eps)

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from ..conf.schema import choices
 
 NORMS = choices("norm.name")
+# The largest ε robustdiff accepts for images in [0, 1], by norm (training and evaluation alike): ℓ∞ cannot exceed
+# the pixel range, and an ℓ2 ε above 16 (the paper's is 128/255 ≈ 0.5) is an ε written in pixel units.
+EPS_LIMIT = {"linf": 1.0, "l2": 16.0}
 
 
 @dataclass(frozen=True)
@@ -19,7 +22,7 @@ class AttackConfig:
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise ValueError(f"norm.name={self.norm!r}: choose {' or '.join(NORMS)}")
-        if not (0 < self.eps <= 1 if self.norm == "linf" else 0 < self.eps <= 64):
+        if not 0 < self.eps <= EPS_LIMIT[self.norm]:
             hint = f" — did you mean {self.eps:g}/255 = {self.eps / 255:.5f}?" if self.eps > 1 else ""
             raise ValueError(f"norm.eps={self.eps} is out of range for {self.norm}: images are in [0, 1]{hint}")
         if not self.step > 0:

@@ -16,17 +16,13 @@ import torch
 from torch import nn
 
 from ..adversarial.attacks import NORMS, accuracy_counts, pgd_attack
+from ..adversarial.config import EPS_LIMIT
 from ..utils.choices import parse_fraction
 
 # --- ε handling --------------------------------------------------------------------------------------
 
 class EpsilonError(ValueError):
     pass
-
-
-# Beyond these an ε can't be meant for [0, 1] images: ℓ∞ is at most 1, and an ℓ2 radius of 16 already
-# exceeds the distance between most pairs of 32×32 images. Pixel-unit ε (8 for ℓ∞, 128 for ℓ2) is caught.
-_EPS_LIMIT = {"linf": 1.0, "l2": 16.0}
 
 
 def check_eps(norm: str, eps: float) -> float:
@@ -36,7 +32,7 @@ def check_eps(norm: str, eps: float) -> float:
     eps = float(eps)
     if not eps > 0 or not math.isfinite(eps):
         raise EpsilonError(f"eps must be a positive number, got {eps}")
-    if eps > _EPS_LIMIT[norm]:
+    if eps > EPS_LIMIT[norm]:
         raise EpsilonError(f"eps={eps:g} is too large for {norm} on images in [0, 1]; it looks like pixel units. "
                            f"Use {eps:g}/255 = {eps / 255:.6f} (e.g. --eps {eps:g}/255)")
     return eps
