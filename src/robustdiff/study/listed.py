@@ -29,17 +29,17 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ..conf.compose import compose_config
-from ..pipeline.stages import require_finished
 from .spec import StudyError
 from .stages import (
     evaluate_arm,
+    generate_overrides,
+    generate_run,
+    record_quality,
     reference_statistics,
     snapshot_path,
-    stage,
+    train_arm,
     train_classifier,
     train_generator,
-    train_run,
     train_selector,
 )
 
@@ -76,49 +76,27 @@ def _store_network(spec: DictConfig, out: Path, store: DictConfig, best: str | N
 
 
 def generate_store(spec: DictConfig, out: Path, name: str, best: str | None, selector: Path | None) -> Path:
-    from ..diffusion.generate import generate
-
     s = spec.stores[name]
     store = out / "stores" / name
     gen, network, _ = _store_network(spec, out, s, best)
-    overrides = [f"network={network}", f"n={s.n}", f"out={store}", f"steps={spec.generate.steps}",
-                 f"seed={spec.generate.seed}", f"dataset={spec.dataset}",
-                 f"precision={spec.generate.get('precision', 'fp32')}", "progress=false"]
+    overrides = generate_overrides(spec, network, s.n, store)
     kf = float(s.get("keep_fraction", 1))
     if kf < 1:
         overrides += [f"classifier={selector}", f"keep_fraction={kf:g}", f"candidates={_candidates(out, name, s)}"]
     if (store / "manifest.json").is_file() and json.loads((store / "manifest.json").read_text()).get("complete"):
         return store
-    stage(f"stores: {name} ({gen}, {s.n:,} images{f', keep {kf:g} of the candidates' if kf < 1 else ''})",
-          "robustdiff-generate " + " ".join(overrides))
-    generate(compose_config("generate", overrides))
+    generate_run(f"stores: {name} ({gen}, {s.n:,} images{f', keep {kf:g} of the candidates' if kf < 1 else ''})",
+                 overrides)
     return store
 
 
 def measure_store(spec: DictConfig, out: Path, name: str, best: str | None, classifier: Path) -> dict[str, Any]:
-    from ..evaluation.generative import score_store
-    from ..utils.io import atomic_write_json
-
-    path = out / "quality" / f"{name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
     s = spec.stores[name]
-    store = out / "stores" / name
-    stage(f"quality of {name}", f"robustdiff-fid score {store} --ref {out / 'quality' / 'reference.npz'} "
-          f"--features classifier --classifier {classifier} --n-examples {s.n}")
-    r = score_store(store, out / "quality" / "reference.npz", features="classifier", classifier=classifier, n=s.n)
     gen, _, kimg = _store_network(spec, out, s, best)
-    r.update(store=name, generator=gen, kimg=kimg, n_images=int(s.n), keep_fraction=float(s.get("keep_fraction", 1)))
-    if r["keep_fraction"] < 1:  # label agreement of the candidates: before selection
-        cand = _candidates(out, name, s)
-        before = score_store(cand, out / "quality" / "reference.npz", features="classifier", classifier=classifier,
-                             n=None, record=False)
-        r["before_selection"] = {"value": before["value"], "label_agreement": before["label_agreement"],
-                                 "n": before.get("n")}
-    atomic_write_json(path, r)
-    print(f"robustdiff-study: {name}: classifier FD {r['value']:.3f}, label agreement "
-          f"{100 * r['label_agreement']:.2f}%")
-    return r
+    kf = float(s.get("keep_fraction", 1))
+    return record_quality(out, name, out / "stores" / name, classifier, s.n, title=f"quality of {name}",
+                          fields=dict(store=name, generator=gen, kimg=kimg, n_images=int(s.n), keep_fraction=kf),
+                          candidates=_candidates(out, name, s) if kf < 1 else None)
 
 
 def choose_best(spec: DictConfig, quality: dict[str, dict]) -> str:
@@ -126,18 +104,6 @@ def choose_best(spec: DictConfig, quality: dict[str, dict]) -> str:
     raw = {q["generator"]: q["value"] for name, q in quality.items()
            if q.get("keep_fraction", 1) == 1 and spec.stores[name].generator != "best"}
     return min(raw, key=raw.get)
-
-
-def train_listed_arm(spec: DictConfig, out: Path, name: str, data_dir: str, index: str) -> Path:
-    a = spec.arms[name]
-    run_dir = out / "runs" / name
-    overrides = [*spec.train.overrides, f"seed={a.seed}", f"data_dir={data_dir}", f"run_root={out / 'runs'}",
-                 f"name={name}", "progress=false"]
-    if a.get("store") is not None:
-        overrides += [f"generated={out / 'stores' / a.store}", f"ratio={a.ratio}"]
-    stage(f"arm {index}: {name}", "robustdiff-train " + " ".join(overrides))
-    require_finished(train_run(compose_config("train", overrides), run_dir), run_dir)
-    return run_dir
 
 
 def run_listed_study(spec: DictConfig, out: Path, data_dir: str, only: list[str] | None,
@@ -187,7 +153,10 @@ def _run_arms(spec: DictConfig, out: Path, data_dir: str, only: list[str] | None
         if only and name not in only:
             continue
         t0 = time.monotonic()
-        run_dir = train_listed_arm(spec, out, name, data_dir, f"{i + 1}/{len(names)}")
+        a = spec.arms[name]
+        store = out / "stores" / a.store if a.get("store") is not None else None
+        run_dir = train_arm(spec, out, name, data_dir, seed=a.seed, store=store, ratio=a.get("ratio"),
+                            title=f"arm {i + 1}/{len(names)}: {name}")
         timed("train", t0)
         t0 = time.monotonic()
         evaluate_arm(spec, run_dir)

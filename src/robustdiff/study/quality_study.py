@@ -20,73 +20,39 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig
 
-from ..conf.compose import compose_config
-from ..pipeline.stages import require_finished
 from .spec import StudyError, arms
 from .stages import (
     evaluate_arm,
+    generate_overrides,
+    generate_run,
+    record_quality,
     reference_statistics,
     snapshot_path,
     stage,
+    train_arm,
     train_classifier,
     train_generator,
-    train_run,
 )
 
 
 def generate_stores(spec: DictConfig, out: Path, edm_dir: Path) -> dict[str, Path]:
-    from ..diffusion.generate import generate
-
     stores = {}
     for name, kimg in spec.generators.items():
         store = out / "stores" / name
         network, _ = snapshot_path(edm_dir, float(kimg))
-        overrides = [f"network={network}", f"n={spec.generate.n}", f"out={store}",
-                     f"steps={spec.generate.steps}", f"seed={spec.generate.seed}", f"dataset={spec.dataset}",
-                     f"precision={spec.generate.get('precision', 'fp32')}", "progress=false"]
-        stage(f"4/9 generate {name}", "robustdiff-generate " + " ".join(overrides))
-        generate(compose_config("generate", overrides))
+        generate_run(f"4/9 generate {name}", generate_overrides(spec, network, spec.generate.n, store))
         stores[name] = store
     return stores
 
 
 def measure_stores(spec: DictConfig, out: Path, stores: dict[str, Path], classifier: Path) -> dict[str, dict]:
-    from ..evaluation.generative import score_store
-    from ..utils.io import atomic_write_json
-
-    results = {}
-    for name, store in stores.items():
-        path = out / "quality" / f"{name}.json"
-        if path.is_file():
-            results[name] = json.loads(path.read_text())
-            continue
-        stage(f"5/9 quality of {name}", f"robustdiff-fid score {store} --ref {out / 'quality' / 'reference.npz'} "
-              f"--features classifier --classifier {classifier} --n-examples {spec.generate.n}")
-        r = score_store(store, out / "quality" / "reference.npz", features="classifier", classifier=classifier,
-                        n=spec.generate.n)
-        r["generator"] = name
-        r["kimg"] = snapshot_path(out / "edm", float(spec.generators[name]))[1]
-        atomic_write_json(path, r)
-        results[name] = r
-        print(f"robustdiff-study: {name}: classifier FD {r['value']:.3f}, label agreement "
-              f"{100 * r['label_agreement']:.2f}%")
-    return results
-
-
-def train_arm(spec: DictConfig, out: Path, name: str, arm: dict[str, Any], stores: dict[str, Path],
-              data_dir: str, index: str) -> Path:
-    run_dir = out / "runs" / name
-    overrides = [*spec.train.overrides, f"seed={arm['seed']}", f"data_dir={data_dir}", f"run_root={out / 'runs'}",
-                 f"name={name}", "progress=false"]
-    if arm["generator"]:
-        overrides += [f"generated={stores[arm['generator']]}", f"ratio={arm['ratio']}"]
-    stage(f"6/9 TRADES arm {index}: {name}", "robustdiff-train " + " ".join(overrides))
-    require_finished(train_run(compose_config("train", overrides), run_dir), run_dir)
-    return run_dir
+    return {name: record_quality(out, name, store, classifier, spec.generate.n, title=f"5/9 quality of {name}",
+                                 fields={"generator": name,
+                                         "kimg": snapshot_path(out / "edm", float(spec.generators[name]))[1]})
+            for name, store in stores.items()}
 
 
 def run_sweep(spec: DictConfig, out: Path, store: Path, data_dir: str) -> list[Path]:
@@ -130,7 +96,9 @@ def run_quality_study(spec: DictConfig, out: Path, data_dir: str, timed: Callabl
     plan = arms(spec, best)
     for i, (name, arm) in enumerate(plan):
         t0 = time.monotonic()
-        run_dir = train_arm(spec, out, name, arm, stores, data_dir, f"{i + 1}/{len(plan)}")
+        store = stores[arm["generator"]] if arm["generator"] else None
+        run_dir = train_arm(spec, out, name, data_dir, seed=arm["seed"], store=store, ratio=arm["ratio"],
+                            title=f"6/9 TRADES arm {i + 1}/{len(plan)}: {name}")
         timed("train", t0)
         t0 = time.monotonic()
         evaluate_arm(spec, run_dir)

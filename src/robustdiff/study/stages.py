@@ -63,6 +63,62 @@ def train_run(cfg: DictConfig, run_dir: Path) -> dict:
     return train(cfg, run_dir)
 
 
+def generate_overrides(spec: DictConfig, network: Path, n: int, store: Path) -> list[str]:
+    """The robustdiff-generate overrides that draw ``n`` images of the EDM snapshot ``network`` into ``store``
+    with the study's sampler (``generate.steps``, ``seed``, ``precision``)."""
+    return [f"network={network}", f"n={n}", f"out={store}", f"steps={spec.generate.steps}",
+            f"seed={spec.generate.seed}", f"dataset={spec.dataset}",
+            f"precision={spec.generate.get('precision', 'fp32')}", "progress=false"]
+
+
+def generate_run(title: str, overrides: list[str]) -> None:
+    """Print the stage's banner and run robustdiff-generate with ``overrides``."""
+    from ..diffusion.generate import generate
+
+    stage(title, "robustdiff-generate " + " ".join(overrides))
+    generate(compose_config("generate", overrides))
+
+
+def record_quality(out: Path, name: str, store: Path, classifier: Path, n: int, *, title: str,
+                   fields: dict[str, Any], candidates: Path | None = None) -> dict[str, Any]:
+    """Classifier FD and label agreement of the first ``n`` images of ``store`` against the study's reference,
+    with ``fields`` added, recorded in ``<out>/quality/<name>.json`` (read back, not redone, where it exists).
+    With ``candidates`` (a store selected from candidates), their scores too, as ``before_selection``."""
+    from ..evaluation.generative import score_store
+    from ..utils.io import atomic_write_json
+
+    path = out / "quality" / f"{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    ref = out / "quality" / "reference.npz"
+    stage(title, f"robustdiff-fid score {store} --ref {ref} --features classifier --classifier {classifier} "
+          f"--n-examples {n}")
+    r = score_store(store, ref, features="classifier", classifier=classifier, n=n)
+    r.update(fields)
+    if candidates is not None:  # label agreement of the candidates: before selection
+        before = score_store(candidates, ref, features="classifier", classifier=classifier, n=None, record=False)
+        r["before_selection"] = {"value": before["value"], "label_agreement": before["label_agreement"],
+                                 "n": before.get("n")}
+    atomic_write_json(path, r)
+    print(f"robustdiff-study: {name}: classifier FD {r['value']:.3f}, label agreement "
+          f"{100 * r['label_agreement']:.2f}%")
+    return r
+
+
+def train_arm(spec: DictConfig, out: Path, name: str, data_dir: str, *, seed: int, store: Path | None,
+              ratio: float | None, title: str) -> Path:
+    """Train (or resume) the TRADES arm ``name`` in ``<out>/runs/<name>``: the study's ``train.overrides`` at
+    ``seed``, on real data only or (with ``store``) mixed with that store at ``ratio``."""
+    run_dir = out / "runs" / name
+    overrides = [*spec.train.overrides, f"seed={seed}", f"data_dir={data_dir}", f"run_root={out / 'runs'}",
+                 f"name={name}", "progress=false"]
+    if store is not None:
+        overrides += [f"generated={store}", f"ratio={ratio}"]
+    stage(title, "robustdiff-train " + " ".join(overrides))
+    require_finished(train_run(compose_config("train", overrides), run_dir), run_dir)
+    return run_dir
+
+
 # ------------------------------------------------------------------------ the stages
 
 
