@@ -206,3 +206,15 @@ def test_a_shared_stage_held_by_the_other_study_command_is_waited_for_not_a_cras
     assert len(waits) == 1
     out = capsys.readouterr().out
     assert f"robustdiff-study: waiting: {stage}: in use by process" in out and "Traceback" not in out
+
+
+def test_two_study_commands_side_by_side_add_their_seconds_without_losing_any(tmp_path):
+    # Two real processes add to one timing.json at once, as two `--arms` commands do after each stage.
+    import subprocess
+
+    path = tmp_path / "timing.json"
+    code = ("import sys; from pathlib import Path; from robustdiff.study.run import add_seconds\n"
+            "for _ in range(150): add_seconds(Path(sys.argv[1]), sys.argv[2], 1.0)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), key]) for key in ("train", "evaluate")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert json.loads(path.read_text()) == {"train": 150.0, "evaluate": 150.0, "wall": 300.0}

@@ -77,7 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.ship_generator is not None:
         return 0
-    if result.complete and not args.report_only:
+    if args.report_only:
+        print(f"robustdiff-study: wrote {result.report} from the arms that exist")
+    elif result.complete:
         print(f"\nrobustdiff-study: {result.report}")
     elif not result.complete:
         print("\nrobustdiff-study: arms still to run or evaluate; the report waits for them "

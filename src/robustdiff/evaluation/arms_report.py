@@ -81,6 +81,20 @@ def compare(a_rows: list[dict], b_rows: list[dict], key: str, n: int) -> dict[st
             "resolved": abs(diff) > max(2 * se, spread)}
 
 
+def same_generator_pairs(data: dict[str, Any], stores: list[str]) -> list[tuple[str, str]]:
+    """Pairs of stores drawn from one generator (more images vs fewer, selected vs raw), in the study's order:
+    the comparisons that hold the generator fixed and change only the amount or the selection."""
+    names = [s for s in data["quality"] if s in stores]
+    gen = {s: (data["quality"][s] or {}).get("generator") for s in names}
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if gen[a] and gen[a] == gen[b]]
+
+
+def best_generator(data: dict[str, Any]) -> str | None:
+    """The generator whose unselected store has the lowest classifier FD (the study's "best")."""
+    raw = [q for q in data["quality"].values() if q and (q.get("keep_fraction") or 1) == 1]
+    return min(raw, key=lambda q: q["value"])["generator"] if raw else None
+
+
 def findings(data: dict[str, Any], spec: Any) -> list[str]:
     rows = [r for r in data["rows"] if r["finished"]]
     real = [r for r in rows if r["store"] is None]
@@ -105,6 +119,14 @@ def findings(data: dict[str, Any], spec: Any) -> list[str]:
             out.append(f"{label}, {store} (ratio {arm_rows[0]['ratio']:g}, {c['n_a']} seed(s)) vs real only "
                        f"({c['n_b']} seed(s)): {format_pct(c['a'])}% vs {format_pct(c['b'])}%, {100 * c['diff']:+.2f} points "
                        f"(standard error {100 * c['se']:.2f}, seed range {100 * c['spread']:.2f}): {verdict}.")
+    for a, b in same_generator_pairs(data, stores):
+        c = compare([r for r in rows if r["store"] == a], [r for r in rows if r["store"] == b], "aa", data["aa_n"])
+        if c is None:
+            continue
+        verdict = ("higher" if c["diff"] > 0 else "lower") if c["resolved"] else "not resolved"
+        out.append(f"AutoAttack, {a} ({c['n_a']} seed(s)) vs {b} ({c['n_b']} seed(s)), both from "
+                   f"{data['quality'][a]['generator']}: {format_pct(c['a'])}% vs {format_pct(c['b'])}%, {100 * c['diff']:+.2f} "
+                   f"points (standard error {100 * c['se']:.2f}, seed range {100 * c['spread']:.2f}): {verdict}.")
     gaps = [(r["arm"], r["pgd_gap"], r["best_epoch"], r["epochs"]) for r in rows if r["pgd_gap"] is not None]
     if gaps:
         out.append("Robust overfitting (test PGD best − last epoch, points; standard error of one accuracy "
@@ -129,8 +151,27 @@ def _figure(path: Path, draw) -> Path:
     return path
 
 
+def store_points(data: dict[str, Any], key: str, generator: str | None = None) -> list[dict[str, Any]]:
+    """One point per store with finished, attacked arms: ``key`` (its FD or its number of images), the mean
+    AutoAttack over its seeds and the standard error of that mean; ``generator``: only that generator's stores."""
+    finished = [r for r in data["rows"] if r["finished"] and r.get("aa") is not None and r["store"]]
+    points = []
+    for store in dict.fromkeys(r["store"] for r in finished):
+        if generator is not None and (data["quality"].get(store) or {}).get("generator") != generator:
+            continue
+        group = [r for r in finished if r["store"] == store and r.get(key) is not None]
+        if group:
+            values = [r["aa"] for r in group]
+            m = sum(values) / len(values)
+            points.append({"store": store, "x": group[0][key], "mean": m, "values": values, "n": len(values),
+                           "se": (_se(m, data["aa_n"]) or 0) / math.sqrt(len(values)),
+                           "selected": (group[0].get("keep_fraction") or 1) < 1})
+    return points
+
+
 def figures(data: dict[str, Any], fig_dir: Path) -> dict[str, Path]:
     rows = [r for r in data["rows"] if r.get("history")]
+    best = best_generator(data)
     made = {}
 
     def pgd_vs_epoch(ax):
@@ -148,18 +189,30 @@ def figures(data: dict[str, Any], fig_dir: Path) -> dict[str, Path]:
         ax.set_title(f"{data['name']}: test PGD vs epoch (dashed black = real data only)", fontsize=9)
         ax.legend(fontsize=7, ncol=2, loc="lower right")
 
-    def robust_vs(key, xlabel, title):
+    def robust_vs(key, xlabel, title, generator=None):
+        """AutoAttack of every store against ``key``: each seed a small dot, the store's mean over its seeds with
+        ± 1 standard error of that mean; real-only training as a dashed line in its ± 1 standard-error band (and,
+        for the amount of generated data, as the point at zero). ``generator``: only that generator's stores."""
         def draw(ax):
-            real = [r for r in data["rows"] if r["finished"] and r["store"] is None and r.get("aa") is not None]
+            finished = [r for r in data["rows"] if r["finished"] and r.get("aa") is not None]
+            real = [r["aa"] for r in finished if r["store"] is None]
             if real:
-                m = sum(r["aa"] for r in real) / len(real)
-                ax.axhline(100 * m, color="black", linestyle="--", linewidth=1, label=f"real only (mean of {len(real)})")
-            pts = [r for r in data["rows"] if r["finished"] and r["store"] and r.get(key) is not None
-                   and r.get("aa") is not None]
-            for r in pts:
-                se = _se(r["aa"], data["aa_n"]) or 0
-                ax.errorbar([r[key]], [100 * r["aa"]], yerr=[100 * se], fmt="o", capsize=3)
-                ax.annotate(r["arm"], (r[key], 100 * r["aa"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+                m = sum(real) / len(real)
+                se = (_se(m, data["aa_n"]) or 0) / math.sqrt(len(real))
+                ax.axhline(100 * m, color="black", linestyle="--", linewidth=1,
+                           label=f"real only (mean of {len(real)} seed{'s' if len(real) > 1 else ''})")
+                ax.axhspan(100 * (m - se), 100 * (m + se), color="black", alpha=0.08, linewidth=0)
+                if key == "n_generated":
+                    ax.errorbar([0], [100 * m], yerr=[100 * se], fmt="D", color="black", capsize=3)
+                    ax.scatter([0] * len(real), [100 * v for v in real], s=9, color="black", alpha=0.4)
+            every = list(data["quality"])  # one colour per store in every figure
+            for i, p in enumerate(store_points(data, key, generator)):
+                color = f"C{(every.index(p['store']) if p['store'] in every else i) % 10}"
+                label = p["store"] + (f" ({p['n']} seeds)" if p["n"] > 1 else "") + (" selected" if p["selected"] else "")
+                ax.errorbar([p["x"]], [100 * p["mean"]], yerr=[100 * p["se"]], fmt="s" if p["selected"] else "o",
+                            color=color, capsize=3, label=label)
+                if p["n"] > 1:
+                    ax.scatter([p["x"]] * p["n"], [100 * v for v in p["values"]], s=9, color=color, alpha=0.5)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("AutoAttack accuracy (%), ± 1 standard error")
             ax.set_title(f"{data['name']}: {title}", fontsize=9)
@@ -173,8 +226,9 @@ def figures(data: dict[str, Any], fig_dir: Path) -> dict[str, Path]:
             fig_dir / "aa_vs_fd.png", robust_vs("fd", "classifier FD of the store (lower is better)",
                                                 "robust accuracy vs generator quality"))
         made["robust accuracy vs amount of generated data"] = _figure(
-            fig_dir / "aa_vs_amount.png", robust_vs("n_generated", "generated images in the store",
-                                                    "robust accuracy vs amount of generated data"))
+            fig_dir / "aa_vs_amount.png", robust_vs(
+                "n_generated", "generated images in the store (0 = real data only)",
+                f"robust accuracy vs amount of generated data ({best or 'every'} generator)", generator=best))
     return made
 
 
@@ -192,14 +246,18 @@ def render(data: dict[str, Any], spec: Any, figs: dict[str, str]) -> str:
         f = data["floor"]
         lines.append(f"| real, held out ({f['source']}) | — | — | {f['n']:,} | — | {f['value']:.3f} | "
                      f"{format_pct(f['label_agreement'])} | — |")
-    lines += ["", "## Arms", "", "| arm | store | ratio | seed | best epoch | clean best | PGD best | AA best | "
-              "clean last | PGD last | PGD best − last |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Arms", "", "| arm | store | classifier FD | label agreement | generated images | ratio | seed | "
+              "best epoch | clean best | PGD best | AA best | clean last | PGD last | PGD best − last |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         if "best_epoch" not in r:
-            lines.append(f"| {r['arm']} (not run) | {r['store'] or 'none'} | | {r['seed']} | | | | | | | |")
+            lines.append(f"| {r['arm']} (not run) | {r['store'] or 'none'} | | | | | {r['seed']} | | | | | | | |")
             continue
         gap = "—" if r["pgd_gap"] is None else f"{100 * r['pgd_gap']:+.2f}"
-        lines.append(f"| {r['arm']}{'' if r['finished'] else ' (unfinished)'} | {r['store'] or 'none'} | "
+        quality = ("— | — | 0" if r["store"] is None else
+                   f"{'—' if r['fd'] is None else format(r['fd'], '.3f')} | {format_pct(r['label_agreement'])} | "
+                   f"{'—' if r['n_generated'] is None else format(r['n_generated'], ',')}")
+        lines.append(f"| {r['arm']}{'' if r['finished'] else ' (unfinished)'} | {r['store'] or 'none'} | {quality} | "
                      f"{r['ratio']:g} | {r['seed']} | {r['best_epoch']}/{r['epochs']} | {format_pct(r['clean_best'])} | "
                      f"{format_pct(r['pgd_best'])} | {format_pct(r['aa'])} | {format_pct(r['clean_last'])} | {format_pct(r['pgd_last'])} | "
                      f"{gap} |")
@@ -213,7 +271,8 @@ def render(data: dict[str, Any], spec: Any, figs: dict[str, str]) -> str:
     lines += ["", "## Figures", ""] + [f"![{k}]({v})" for k, v in figs.items()]
     t = data.get("timing") or {}
     if t:
-        lines += ["", "Seconds per stage (robustdiff-study): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) + "."]
+        lines += ["", "Seconds per stage, summed over every robustdiff-study command (two commands side by side count "
+                  "their overlap twice): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -57,17 +57,11 @@ def run_study(study: Path, out: Path, data_dir: str = "data", report_only: bool 
         seed_generator(spec, out, generator)
     if report_only:
         return StudyResult(write_report(out, spec), True)
-    from ..utils.io import atomic_write_json
-
     timing_path = out / "timing.json"
-    seconds: dict[str, float] = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
 
     def timed(key: str, t0: float) -> None:
-        """Seconds per stage over every invocation (an interrupted one included), saved after each stage."""
-        now = time.monotonic()
-        seconds[key] = seconds.get(key, 0.0) + now - t0
-        seconds["wall"] = seconds.get("wall", 0.0) + now - t0
-        atomic_write_json(timing_path, seconds)
+        """Seconds per stage over every invocation (an interrupted one included), added after each stage."""
+        add_seconds(timing_path, key, time.monotonic() - t0)
 
     if listed:
         from .listed import run_listed_study
@@ -83,3 +77,23 @@ def run_study(study: Path, out: Path, data_dir: str = "data", report_only: bool 
         run_quality_study(spec, out, data_dir, timed)
         stage("9/9 report")
     return StudyResult(write_report(out, spec), True)
+
+
+def add_seconds(path: Path, key: str, seconds: float) -> dict[str, float]:
+    """Add ``seconds`` to ``key`` and to "wall" in the JSON file ``path``, read and written under an exclusive
+    lock: two study commands run side by side (``--arms``) each add their own time, neither overwrites the
+    other's. "wall" is the sum over all commands, so two commands side by side count their overlap twice."""
+    from ..utils.io import atomic_write_json
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX: no locking
+        fcntl = None
+    with open(path.with_name(path.name + ".lock"), "a+") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # blocking: the other command holds it for milliseconds
+        totals: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+        totals[key] = totals.get(key, 0.0) + seconds
+        totals["wall"] = totals.get("wall", 0.0) + seconds
+        atomic_write_json(path, totals)
+    return totals
