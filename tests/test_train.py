@@ -247,3 +247,37 @@ def test_run_name_in_a_sweep_puts_swept_keys_first_and_drops_constant_keys_first
     assert cut != run_name(None, od + "__zz:" + "y" * 81, swept=["ratio", "norm"])  # the hash keeps names apart
     assert run_name(None, od, swept=[]).startswith(od[:100] + "-")  # single runs: a plain cut at 100 characters + hash
     assert sweep_name("batch_size:64__ratio:0.5,0.7", ["ratio"]) == "ratio:0.5,0.7__batch_size:64"
+
+
+def test_per_epoch_evaluation_runs_in_fp32_under_bf16_training(tmp_path, tiny_overrides, monkeypatch):
+    """precision=bf16-mixed trains under autocast, but the per-epoch clean and PGD accuracy that choose the best
+    epoch are fp32, as robustdiff-eval's are: the EMA network's logits are float32 in every validation batch and
+    the recorded test clean accuracy is that of model.pt evaluated afterwards in fp32."""
+    from robustdiff.training.adversarial import AdversarialTraining
+
+    dtypes = []
+    original = AdversarialTraining.validation_step
+
+    def recording(self, batch, batch_idx, dataloader_idx=0):
+        hook = self.ema.module.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+        try:
+            return original(self, batch, batch_idx, dataloader_idx)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(AdversarialTraining, "validation_step", recording)
+    run = tmp_path / "bf16"
+    summary = train(compose_train(*tiny_overrides, "epochs=1", "precision=bf16-mixed"), run)
+    assert summary["finished"] and dtypes and set(dtypes) == {torch.float32}
+
+    from robustdiff.data.augment import to_float_nchw
+    from robustdiff.data.datasets import load_split
+    from robustdiff.evaluation.robustness import evaluate_clean
+    from robustdiff.models.loading import load_model
+
+    record = json.loads((run / "run.json").read_text())
+    images, labels = load_split("fashionmnist", "test", record["data_dir"])
+    x, y = to_float_nchw(torch.from_numpy(images[:128])), torch.from_numpy(labels[:128])
+    model = load_model(run / "model.pt", dataset="fashionmnist", record=record["model"])
+    history = json.loads((run / "history.json").read_text())
+    assert history[-1]["test_clean_acc"] == pytest.approx(evaluate_clean(model, x, y)["acc"], abs=1e-6)

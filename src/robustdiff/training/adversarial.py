@@ -259,6 +259,12 @@ class AdversarialTraining(pl.LightningModule):
         1: the test split (clean; PGD on test epochs). x: uint8 (B, H, W, C), y: (B,)."""
         if self._skip_evaluation():
             return
+        # Evaluation is fp32 whatever the training precision: Lightning runs validation_step under the
+        # precision plugin's autocast (bf16-mixed, 16-mixed), so it is switched off here.
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            self._evaluate_batch(batch, dataloader_idx)
+
+    def _evaluate_batch(self, batch: dict, dataloader_idx: int) -> None:
         split = ("val", "test")[dataloader_idx]
         x, y = to_float_nchw(batch["image"]), batch["label"]
         model = self.ema.module
