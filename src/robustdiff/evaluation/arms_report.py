@@ -81,6 +81,14 @@ def compare(a_rows: list[dict], b_rows: list[dict], key: str, n: int) -> dict[st
             "resolved": abs(diff) > max(2 * se, spread)}
 
 
+def _versus(first: str, second: str, c: dict[str, Any]) -> str:
+    """One comparison of `compare` as a sentence: the two sides, their means, the difference against its
+    standard error and the seeds' range, and the verdict."""
+    verdict = ("higher" if c["diff"] > 0 else "lower") if c["resolved"] else "not resolved"
+    return (f"{first} vs {second}: {format_pct(c['a'])}% vs {format_pct(c['b'])}%, {100 * c['diff']:+.2f} points "
+            f"(standard error {100 * c['se']:.2f}, seed range {100 * c['spread']:.2f}): {verdict}.")
+
+
 def same_generator_pairs(data: dict[str, Any], stores: list[str]) -> list[tuple[str, str]]:
     """Pairs of stores drawn from one generator (more images vs fewer, selected vs raw), in the study's order:
     the comparisons that hold the generator fixed and change only the amount or the selection."""
@@ -115,18 +123,14 @@ def findings(data: dict[str, Any], spec: Any) -> list[str]:
             c = compare(arm_rows, real, key, n)
             if c is None:
                 continue
-            verdict = ("higher" if c["diff"] > 0 else "lower") if c["resolved"] else "not resolved"
-            out.append(f"{label}, {store} (ratio {arm_rows[0]['ratio']:g}, {c['n_a']} seed(s)) vs real only "
-                       f"({c['n_b']} seed(s)): {format_pct(c['a'])}% vs {format_pct(c['b'])}%, {100 * c['diff']:+.2f} points "
-                       f"(standard error {100 * c['se']:.2f}, seed range {100 * c['spread']:.2f}): {verdict}.")
+            out.append(_versus(f"{label}, {store} (ratio {arm_rows[0]['ratio']:g}, {c['n_a']} seed(s))",
+                               f"real only ({c['n_b']} seed(s))", c))
     for a, b in same_generator_pairs(data, stores):
         c = compare([r for r in rows if r["store"] == a], [r for r in rows if r["store"] == b], "aa", data["aa_n"])
         if c is None:
             continue
-        verdict = ("higher" if c["diff"] > 0 else "lower") if c["resolved"] else "not resolved"
-        out.append(f"AutoAttack, {a} ({c['n_a']} seed(s)) vs {b} ({c['n_b']} seed(s)), both from "
-                   f"{data['quality'][a]['generator']}: {format_pct(c['a'])}% vs {format_pct(c['b'])}%, {100 * c['diff']:+.2f} "
-                   f"points (standard error {100 * c['se']:.2f}, seed range {100 * c['spread']:.2f}): {verdict}.")
+        out.append(_versus(f"AutoAttack, {a} ({c['n_a']} seed(s))",
+                           f"{b} ({c['n_b']} seed(s)), both from {data['quality'][a]['generator']}", c))
     gaps = [(r["arm"], r["pgd_gap"], r["best_epoch"], r["epochs"]) for r in rows if r["pgd_gap"] is not None]
     if gaps:
         out.append("Robust overfitting (test PGD best − last epoch, points; standard error of one accuracy "
